@@ -1,0 +1,3 @@
+from atajo.cli.main import main
+
+main()

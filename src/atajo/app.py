@@ -1,0 +1,159 @@
+"""Composition root: settings → services → pipeline → aiohttp application, with start-up and shutdown.
+
+The pipeline's order is declared here, once:
+
+    observe → auth → upstream          (cache, guard, ratelimit, coalesce and route join as they land)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from aiohttp import web
+from prometheus_client.core import Metric
+
+from atajo.core.catalog import Catalog
+from atajo.core.deployments import Deployment
+from atajo.core.pipeline import build_pipeline
+from atajo.observe.metrics import GatewayMetrics, counter_family, gauge_family
+from atajo.providers.base import Provider
+from atajo.providers.pool import HttpPool
+from atajo.routing.breaker import BreakerBoard
+from atajo.routing.retry import RetryPolicy
+from atajo.routing.table import ModelTable
+from atajo.server.http import GatewayServer, errors_middleware
+from atajo.settings import Settings
+from atajo.stages.auth import AuthStage, KeyRing
+from atajo.stages.observe import ObserveStage
+from atajo.stages.upstream import Sleep, UpstreamStage
+
+log = logging.getLogger("atajo")
+
+# Provider name → "module:class"; imported only when a deployment uses it.
+PROVIDERS = {
+    "openai": "atajo.providers.openai:OpenAIProvider",
+    "anthropic": "atajo.providers.anthropic:AnthropicProvider",
+    "simulated": "atajo.providers.simulated:SimulatedProvider",
+}
+
+
+@dataclass
+class Services:
+    settings: Settings
+    metrics: GatewayMetrics
+    pool: HttpPool
+    table: ModelTable
+    breakers: BreakerBoard
+    keys: KeyRing
+    catalog: Catalog
+    server: GatewayServer
+
+
+def build_table(settings: Settings) -> ModelTable:
+    deployments = {
+        name: [Deployment.from_settings(name, i, d, settings.pool) for i, d in enumerate(model.deployments)]
+        for name, model in settings.models.items()
+    }
+    fallbacks = {name: model.fallbacks for name, model in settings.models.items()}
+    return ModelTable(deployments, fallbacks)
+
+
+def build_providers(names: Iterable[str], pool: HttpPool, catalog: Catalog, sleep: Sleep) -> dict[str, Provider]:
+    providers: dict[str, Provider] = {}
+    for name in sorted(set(names)):
+        module, _, cls_name = PROVIDERS[name].partition(":")
+        cls = getattr(importlib.import_module(module), cls_name)
+        providers[name] = cls(catalog, sleep) if name == "simulated" else cls(pool)
+    return providers
+
+
+def build_services(settings: Settings, *, sleep: Sleep = asyncio.sleep) -> Services:
+    metrics = GatewayMetrics()
+    catalog = Catalog.bundled()
+    pool = HttpPool(settings.pool)
+    table = build_table(settings)
+    metrics.set_model_names(table.names())
+    breakers = BreakerBoard(settings.breaker)
+    keys = KeyRing(settings.auth)
+    providers = build_providers((d.provider for d in table.all_deployments()), pool, catalog, sleep)
+    upstream = UpstreamStage(table, providers, breakers, RetryPolicy.from_settings(settings.retry), metrics, sleep)
+    pipeline = build_pipeline([ObserveStage(metrics), AuthStage(keys)], upstream)
+    server = GatewayServer(
+        pipeline,
+        metrics,
+        max_body_bytes=settings.server.max_body_bytes,
+        model_names=table.names,
+        authenticate=keys.authenticate,
+    )
+
+    def pool_metrics() -> Iterable[Metric]:
+        yield counter_family(
+            "atajo_upstream_connections_opened",
+            "Upstream TCP connections opened, by host",
+            ["host"],
+            [([host], n) for host, n in pool.opened.items()],
+        )
+        yield counter_family(
+            "atajo_upstream_requests_sent",
+            "Requests sent to upstreams, by base URL",
+            ["base_url"],
+            [([url], n) for url, n in pool.sent.items()],
+        )
+        idle, in_use = pool.connections()
+        yield gauge_family(
+            "atajo_upstream_pool_connections",
+            "Pooled upstream connections now",
+            ["state"],
+            [(["idle"], idle), (["in_use"], in_use)],
+        )
+        yield gauge_family(
+            "atajo_circuit_state",
+            "Circuit per deployment: 0 closed, 1 half-open, 2 open",
+            ["deployment"],
+            [([name], int(state)) for name, state in breakers.states().items()],
+        )
+
+    metrics.add_collector(pool_metrics)
+    return Services(settings, metrics, pool, table, breakers, keys, catalog, server)
+
+
+def build_app(settings: Settings, *, sleep: Sleep = asyncio.sleep) -> web.Application:
+    services = build_services(settings, sleep=sleep)
+    app = web.Application(client_max_size=settings.server.max_body_bytes, middlewares=[errors_middleware])
+    app["services"] = services
+    app.add_routes(services.server.routes())
+
+    async def start(_: web.Application) -> None:
+        await services.pool.start()
+        services.server.accepting = True
+
+    async def stop(_: web.Application) -> None:
+        services.server.accepting = False
+
+    async def close(_: web.Application) -> None:
+        await services.pool.close()
+
+    app.on_startup.append(start)
+    app.on_shutdown.append(stop)
+    app.on_cleanup.append(close)
+    return app
+
+
+def describe_startup(settings: Settings, keys_open: bool) -> list[str]:
+    """What the operator must know at start-up, as log lines."""
+    lines = []
+    if settings.simulated_only:
+        lines.append(
+            "provider: SIMULATED. No provider is configured, so answers are generated locally with no network "
+            "(set OPENAI_API_KEY or pass --config to reach a real provider)"
+        )
+    else:
+        providers = sorted({d.provider for m in settings.models.values() for d in m.deployments})
+        lines.append(f"providers: {', '.join(providers)}; models: {', '.join(sorted(settings.models))}")
+    if keys_open:
+        lines.append("auth: no keys configured, the gateway accepts every caller (set ATAJO_MASTER_KEY)")
+    return lines

@@ -1,0 +1,1 @@
+"""The ``atajo`` command line."""

@@ -1,0 +1,148 @@
+"""``atajo serve``, ``atajo config check``, ``atajo --version``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import socket
+import sys
+from pathlib import Path
+
+import click
+
+from atajo import __version__
+from atajo.errors import ConfigError
+from atajo.settings import Settings, load_settings
+
+log = logging.getLogger("atajo")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", "-V", prog_name="atajo")
+def cli() -> None:
+    """Atajo: an OpenAI-compatible LLM gateway that cuts cost and latency."""
+
+
+@cli.command()
+@click.option(
+    "--config",
+    "-c",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="ATAJO_CONFIG",
+    help="YAML config file (env: ATAJO_CONFIG). Without one, Atajo proxies "
+    "to OPENAI_BASE_URL when OPENAI_API_KEY is set, else runs on the simulated provider.",
+)
+@click.option("--host", help="Address to listen on (server.host; default 127.0.0.1).")
+@click.option("--port", "-p", type=int, help="Port to listen on (server.port; default 4000).")
+@click.option(
+    "--workers",
+    "-w",
+    type=click.IntRange(1, 64),
+    help="Worker processes sharing the port (server.workers; default 1).",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    help="Log verbosity (log_level; default info).",
+)
+@click.option("--access-log/--no-access-log", default=None, help="Log every request (server.access_log).")
+def serve(
+    config_path: Path | None,
+    host: str | None,
+    port: int | None,
+    workers: int | None,
+    log_level: str | None,
+    access_log: bool | None,
+) -> None:
+    """Run the gateway: OpenAI-compatible API at http://HOST:PORT/v1, /health, /ready, /metrics."""
+    settings = _load(config_path)
+    server = settings.server.model_copy(
+        update={
+            k: v
+            for k, v in {"host": host, "port": port, "workers": workers, "access_log": access_log}.items()
+            if v is not None
+        }
+    )
+    settings = settings.model_copy(update={"server": server, "log_level": log_level or settings.log_level})
+    _setup_logging(settings.log_level)
+    if settings.server.workers == 1:
+        _run_worker(settings, sock=None)
+        return
+    # Several workers share one listening socket, bound here so the port is held before any starts.
+    sock = socket.create_server((settings.server.host, settings.server.port), reuse_port=True, backlog=1024)
+    procs = [
+        multiprocessing.get_context("fork").Process(target=_run_worker, args=(settings, sock), daemon=True)
+        for _ in range(settings.server.workers)
+    ]
+    for proc in procs:
+        proc.start()
+    try:
+        for proc in procs:
+            proc.join()
+    except KeyboardInterrupt:
+        for proc in procs:
+            proc.terminate()
+
+
+def _run_worker(settings: Settings, sock: socket.socket | None) -> None:
+    from aiohttp import web
+
+    from atajo.app import build_app, describe_startup
+    from atajo.stages.auth import KeyRing
+
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
+        pass
+    app = build_app(settings)
+    for line in describe_startup(settings, KeyRing(settings.auth).open):
+        log.warning(line) if "SIMULATED" in line or "auth:" in line else log.info(line)
+    where = f"http://{settings.server.host}:{settings.server.port}"
+    log.info("atajo %s (pid %d) serving the OpenAI API at %s/v1", __version__, os.getpid(), where)
+    web.run_app(
+        app,
+        host=None if sock else settings.server.host,
+        port=None if sock else settings.server.port,
+        sock=sock,
+        print=None,
+        access_log=logging.getLogger("atajo.access") if settings.server.access_log else None,
+        handle_signals=True,
+        shutdown_timeout=10,
+    )
+
+
+@cli.group()
+def config() -> None:
+    """Check configuration files."""
+
+
+@config.command("check")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+def config_check(file: Path) -> None:
+    """Validate FILE (with env overrides applied); print every error with its setting path."""
+    settings = _load(file)
+    n = sum(len(m.deployments) for m in settings.models.values())
+    click.echo(f"{file}: OK ({len(settings.models)} models, {n} deployments)")
+
+
+def _load(path: Path | None) -> Settings:
+    try:
+        return load_settings(path)
+    except ConfigError as err:
+        click.echo(f"config error: {err.message}", err=True)
+        sys.exit(err.exit_code)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+def main() -> None:
+    cli(prog_name="atajo")

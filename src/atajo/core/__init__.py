@@ -1,0 +1,1 @@
+"""Typed objects every stage and mechanism speaks: requests, results, the request context, the pipeline."""

@@ -1,0 +1,46 @@
+"""Per-request state that stages fill in and the server turns into headers and metrics."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from multidict import CIMultiDictProxy
+
+from atajo.types import JSONObject
+
+
+@dataclass(slots=True)
+class Principal:
+    """Who is calling. ``key_name`` is the configured name of the key, never the secret."""
+
+    key_name: str
+    tenant: str = "default"
+    is_admin: bool = False
+
+
+@dataclass(slots=True)
+class RequestContext:
+    request_id: str
+    route: str
+    headers: CIMultiDictProxy[str] | dict[str, str] = field(repr=False)
+    started_ns: int = field(default_factory=time.perf_counter_ns)
+    principal: Principal | None = None
+    routed_model: str | None = None
+    response_model: str | None = None
+    provider: str | None = None
+    deployment: str | None = None
+    attempts: int = 0
+    cache_status: str = "miss"
+    simulated: bool = False
+    upstream_ns: int = 0
+    """Time spent waiting on providers (including retry back-off), subtracted to get our own added time."""
+    first_token_ns: int | None = None
+    extra_headers: dict[str, str] = field(default_factory=dict)
+    notes: JSONObject = field(default_factory=dict)
+
+    def elapsed_ns(self) -> int:
+        return time.perf_counter_ns() - self.started_ns
+
+    def overhead_ms(self) -> float:
+        return max(0, self.elapsed_ns() - self.upstream_ns) / 1e6

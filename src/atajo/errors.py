@@ -1,0 +1,175 @@
+"""The one exception tree. Every error a client can see is one of these.
+
+    AtajoError                      500 server_error
+    ├── InvalidRequest              400 invalid_request_error
+    │   ├── MalformedJSON           400 (code invalid_json)
+    │   └── UnsupportedParameter    400 (code unsupported_parameter)
+    ├── AuthenticationFailed        401 authentication_error
+    ├── NotFound                    404 (unknown route)
+    │   └── ModelNotFound           404 (code model_not_found)
+    ├── MethodNotAllowed            405
+    ├── PayloadTooLarge             413
+    ├── RateLimited                 429 rate_limit_exceeded (carries retry_after_s)
+    ├── UpstreamError               502 upstream_error: a provider failed us
+    │   ├── UpstreamRejected        the provider's own status (4xx about the request), not retryable
+    │   ├── UpstreamUnavailable     502, retryable (5xx, 429, credentials or protocol trouble)
+    │   ├── UpstreamConnectError    502, retryable
+    │   ├── UpstreamTimeout         504, retryable
+    │   ├── UpstreamStreamBroken    502, the stream ended early (after the first chunk: not retryable)
+    │   └── CircuitOpen             503, the deployment is known to be down; tried in microseconds
+    ├── AllAttemptsFailed           every deployment failed; status of the most telling error, errors listed
+    ├── ServiceUnavailable          503
+    └── ConfigError                 not an HTTP error: a bad config file, names the setting (exit code 2)
+
+Foreign exceptions (aiohttp, orjson, pydantic) are translated where they are caught, at the edges.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class AtajoError(Exception):
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+    retryable: bool = False
+    exit_code: int = 1
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+
+class InvalidRequest(AtajoError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class MalformedJSON(InvalidRequest):
+    code = "invalid_json"
+
+
+class UnsupportedParameter(InvalidRequest):
+    code = "unsupported_parameter"
+
+
+class AuthenticationFailed(AtajoError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class NotFound(AtajoError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class MethodNotAllowed(AtajoError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(AtajoError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class RateLimited(AtajoError):
+    status = 429
+    type = "rate_limit_exceeded"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after_s = retry_after_s
+
+
+class UpstreamError(AtajoError):
+    status = 502
+    type = "upstream_error"
+    code = "upstream_error"
+
+
+class UpstreamRejected(UpstreamError):
+    """The provider refused the request itself (400, 413, 422...): the client's to fix, so it keeps the status."""
+
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, *, status: int, param: str | None = None, code: str | None = None):
+        super().__init__(message, param=param, code=code)
+        self.status = status
+
+
+class UpstreamUnavailable(UpstreamError):
+    retryable = True
+
+    def __init__(self, message: str, *, upstream_status: int | None = None, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.upstream_status = upstream_status
+        self.retry_after_s = retry_after_s
+        if upstream_status == 429:
+            self.status, self.type, self.code = 429, "rate_limit_exceeded", "upstream_rate_limited"
+
+
+class UpstreamConnectError(UpstreamError):
+    retryable = True
+    code = "upstream_connect_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    retryable = True
+    code = "upstream_timeout"
+
+
+class UpstreamStreamBroken(UpstreamError):
+    code = "upstream_stream_broken"
+
+
+class CircuitOpen(UpstreamError):
+    status = 503
+    retryable = True
+    code = "circuit_open"
+
+
+class AllAttemptsFailed(AtajoError):
+    """Every deployment we tried failed. The status is that of the most telling error."""
+
+    def __init__(self, errors: Sequence[tuple[str, AtajoError]]) -> None:
+        parts = "; ".join(f"{where}: {err.message}" for where, err in errors)
+        super().__init__(f"all {len(errors)} attempts failed: {parts}")
+        self.errors = list(errors)
+        last = _most_telling(self.errors)
+        self.status, self.type, self.code = last.status, last.type, last.code
+        self.retry_after_s = getattr(last, "retry_after_s", None)
+
+
+def _most_telling(errors: Sequence[tuple[str, AtajoError]]) -> AtajoError:
+    # A real answer from a provider (rejection, rate limit, timeout) says more than "circuit open".
+    for _, err in reversed(errors):
+        if not isinstance(err, CircuitOpen):
+            return err
+    return errors[-1][1]
+
+
+class ServiceUnavailable(AtajoError):
+    status = 503
+    type = "service_unavailable"
+    code = "service_unavailable"
+
+
+class ConfigError(AtajoError):
+    """A bad configuration; the message names the setting path (e.g. ``models.gpt-4o.deployments.0.provider``)."""
+
+    exit_code = 2

@@ -1,0 +1,113 @@
+"""Sending one request through the pool and translating aiohttp's failures into the error tree."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+
+import aiohttp
+import orjson
+
+from atajo.core.deployments import Deployment
+from atajo.errors import (
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamStreamBroken,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from atajo.providers.pool import HttpPool
+from atajo.providers.status import error_for_status
+from atajo.types import JSONObject
+
+
+def describe(deployment: Deployment) -> str:
+    return f"deployment {deployment.id}"
+
+
+def error_message(raw: bytes) -> tuple[str, str | None]:
+    """The provider's error message and param from an OpenAI- or Anthropic-shaped error body."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        text = raw[:200].decode("utf-8", "replace").strip()
+        return (text or "no error body"), None
+    err = data.get("error") if isinstance(data, dict) else None
+    if isinstance(err, dict):
+        return str(err.get("message") or err.get("type") or "error"), err.get("param")
+    if isinstance(err, str):
+        return err, None
+    return str(data)[:200], None
+
+
+@asynccontextmanager
+async def post(
+    pool: HttpPool,
+    deployment: Deployment,
+    url: str,
+    payload: bytes,
+    headers: Mapping[str, str],
+    *,
+    streaming: bool,
+) -> AsyncIterator[aiohttp.ClientResponse]:
+    """POST and yield a 2xx response; any failure comes out as an ``UpstreamError``."""
+    where = describe(deployment)
+    pool.sent[deployment.base_url] += 1
+    try:
+        async with pool.session.post(
+            url, data=payload, headers=headers, timeout=pool.timeout(deployment, streaming)
+        ) as resp:
+            if resp.status >= 300:
+                message, param = error_message(await resp.read())
+                raise error_for_status(
+                    resp.status,
+                    message,
+                    where=where,
+                    retry_after=resp.headers.get("retry-after"),
+                    param=param,
+                )
+            yield resp
+    except UpstreamError:
+        raise
+    except aiohttp.ClientConnectorError as exc:
+        raise UpstreamConnectError(f"{where}: cannot connect to {exc.host}:{exc.port}") from None
+    except (TimeoutError, aiohttp.ServerTimeoutError):
+        raise UpstreamTimeout(f"{where}: no answer within {deployment.timeout_s:g} s") from None
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError) as exc:
+        raise UpstreamUnavailable(f"{where}: connection dropped ({type(exc).__name__})") from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamUnavailable(f"{where}: {type(exc).__name__}") from None
+
+
+async def read_json(resp: aiohttp.ClientResponse, deployment: Deployment) -> JSONObject:
+    raw = await resp.read()
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise UpstreamUnavailable(f"{describe(deployment)} answered with invalid JSON") from None
+    if not isinstance(data, dict):
+        raise UpstreamUnavailable(f"{describe(deployment)} answered with a JSON {type(data).__name__}")
+    return data
+
+
+async def sse_events(resp: aiohttp.ClientResponse, deployment: Deployment) -> AsyncIterator[tuple[str, bytes]]:
+    """(event, data) pairs of a server-sent-event stream; mid-stream failures become UpstreamStreamBroken."""
+    event, data = "", b""
+    try:
+        async for raw_line in resp.content:
+            line = raw_line.rstrip(b"\r\n")
+            if not line:
+                if data:
+                    yield event, data
+                event, data = "", b""
+            elif line.startswith(b"data:"):
+                chunk = line[5:].lstrip(b" ")
+                data = chunk if not data else data + b"\n" + chunk
+            elif line.startswith(b"event:"):
+                event = line[6:].strip().decode()
+        if data:
+            yield event, data
+    except (TimeoutError, aiohttp.ServerTimeoutError):
+        raise UpstreamTimeout(f"{describe(deployment)}: stream stalled for {deployment.timeout_s:g} s") from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamStreamBroken(f"{describe(deployment)}: stream broken ({type(exc).__name__})") from None

@@ -1,0 +1,98 @@
+"""OpenAI-compatible upstreams: OpenAI, Azure OpenAI, vLLM, Ollama, llama.cpp server, Groq, Together...
+
+The request body already follows OpenAI's schema; this adapter swaps in the upstream model name, adds the
+deployment's credentials, and reads the answer back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+
+import orjson
+
+from atajo.core.deployments import Deployment
+from atajo.core.requests import ChatRequest, EmbeddingsRequest
+from atajo.core.results import Completion, Usage
+from atajo.errors import UpstreamStreamBroken
+from atajo.providers.http import describe, post, read_json, sse_events
+from atajo.providers.pool import HttpPool
+from atajo.types import JSONObject
+
+
+class OpenAIProvider:
+    name = "openai"
+
+    def __init__(self, pool: HttpPool) -> None:
+        self.pool = pool
+        self._headers: dict[str, dict[str, str]] = {}
+
+    def _url(self, deployment: Deployment, path: str) -> str:
+        url = deployment.base_url + path
+        return f"{url}?api-version={deployment.api_version}" if deployment.api_version else url
+
+    def headers(self, deployment: Deployment) -> dict[str, str]:
+        headers = self._headers.get(deployment.id)
+        if headers is None:
+            headers = {"content-type": "application/json"}
+            if deployment.api_key:
+                if deployment.auth_header == "authorization":
+                    headers["authorization"] = f"Bearer {deployment.api_key}"
+                else:
+                    headers[deployment.auth_header] = deployment.api_key
+            headers.update(deployment.headers)
+            self._headers[deployment.id] = headers
+        return headers
+
+    async def chat(self, request: ChatRequest, deployment: Deployment, upstream_model: str) -> Completion:
+        body = dict(request.body, model=upstream_model)
+        body.pop("stream", None)
+        body.pop("stream_options", None)
+        url = self._url(deployment, "/chat/completions")
+        async with post(
+            self.pool, deployment, url, orjson.dumps(body), self.headers(deployment), streaming=False
+        ) as resp:
+            data = await read_json(resp, deployment)
+        return Completion(data, Usage.from_openai(data.get("usage")))
+
+    async def chat_stream(
+        self, request: ChatRequest, deployment: Deployment, upstream_model: str
+    ) -> AsyncGenerator[JSONObject, None]:
+        body = dict(request.body, model=upstream_model, stream=True)
+        if deployment.stream_usage:
+            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        url = self._url(deployment, "/chat/completions")
+        payload = orjson.dumps(body)
+        async with post(self.pool, deployment, url, payload, self.headers(deployment), streaming=True) as resp:
+            done = False
+            async for _event, data in sse_events(resp, deployment):
+                if data == b"[DONE]":
+                    done = True
+                    break
+                chunk = _decode_chunk(data, deployment)
+                if chunk is not None:
+                    yield chunk
+            if not done:
+                raise UpstreamStreamBroken(f"{describe(deployment)} ended the stream before [DONE]")
+
+    async def embeddings(self, request: EmbeddingsRequest, deployment: Deployment, upstream_model: str) -> Completion:
+        body = dict(request.body, model=upstream_model)
+        url = self._url(deployment, "/embeddings")
+        async with post(
+            self.pool, deployment, url, orjson.dumps(body), self.headers(deployment), streaming=False
+        ) as resp:
+            data = await read_json(resp, deployment)
+        return Completion(data, Usage.from_openai(data.get("usage")))
+
+
+def _decode_chunk(data: bytes, deployment: Deployment) -> JSONObject | None:
+    try:
+        chunk = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise UpstreamStreamBroken(f"{describe(deployment)} sent a chunk that is not JSON") from None
+    if not isinstance(chunk, dict):
+        return None
+    if "error" in chunk:
+        err = chunk["error"]
+        message = err.get("message") if isinstance(err, dict) else str(err)
+        raise UpstreamStreamBroken(f"{describe(deployment)} failed mid-stream: {message}")
+    return chunk

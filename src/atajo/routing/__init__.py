@@ -1,0 +1,1 @@
+"""Which deployment serves a request: the model table, retry policy, and per-deployment circuit breakers."""

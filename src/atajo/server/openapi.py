@@ -1,0 +1,259 @@
+"""The OpenAPI 3.1 document of Atajo's own endpoints, served at ``/openapi.json``.
+
+Request schemas describe what the gateway accepts (its own validation is stricter in places and answers
+400); response schemas describe every status a client can get, each error in OpenAI's format.
+"""
+
+from __future__ import annotations
+
+from atajo import __version__
+from atajo.types import JSONObject
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+
+
+def _errors(*statuses: int) -> JSONObject:
+    text = {
+        400: "Invalid request (malformed JSON, wrong types)",
+        401: "Missing or wrong API key",
+        404: "Unknown model",
+        413: "Body over the size limit",
+        429: "Rate limited",
+        502: "Every upstream attempt failed",
+        503: "Upstream unavailable (circuit open)",
+        504: "Upstream timed out",
+    }
+    return {str(s): {"description": text[s], "content": {"application/json": {"schema": _ERROR}}} for s in statuses}
+
+
+_MODEL_ERRORS = (400, 401, 404, 413, 429, 502, 503, 504)
+
+_MESSAGE: JSONObject = {
+    "type": "object",
+    "required": ["role"],
+    "properties": {
+        "role": {"enum": ["system", "developer", "user", "assistant", "tool", "function"]},
+        "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}, {"type": "null"}]},
+        "name": {"type": "string"},
+        "tool_calls": {"type": "array", "items": {"type": "object"}},
+        "tool_call_id": {"type": "string"},
+    },
+}
+
+_CHAT_REQUEST: JSONObject = {
+    "type": "object",
+    "required": ["model", "messages"],
+    "properties": {
+        "model": {"type": "string", "minLength": 1, "maxLength": 256},
+        "messages": {"type": "array", "minItems": 1, "items": _MESSAGE},
+        "stream": {"type": "boolean"},
+        "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+        "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+        "n": {"type": "integer", "minimum": 1, "maximum": 128},
+        "max_tokens": {"type": "integer", "minimum": 1},
+        "max_completion_tokens": {"type": "integer", "minimum": 1},
+        "stop": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}]},
+        "seed": {"type": "integer"},
+        "tools": {"type": "array", "items": {"type": "object"}},
+        "tool_choice": {"anyOf": [{"type": "string"}, {"type": "object"}]},
+        "response_format": {"type": "object"},
+        "user": {"type": "string"},
+    },
+}
+
+_CHOICE: JSONObject = {
+    "type": "object",
+    "required": ["index", "message", "finish_reason"],
+    "properties": {
+        "index": {"type": "integer"},
+        "message": {"type": "object", "required": ["role"]},
+        "finish_reason": {"type": ["string", "null"]},
+    },
+}
+
+_USAGE: JSONObject = {
+    "type": "object",
+    "required": ["prompt_tokens", "total_tokens"],
+    "properties": {
+        "prompt_tokens": {"type": "integer"},
+        "completion_tokens": {"type": "integer"},
+        "total_tokens": {"type": "integer"},
+    },
+}
+
+_CHAT_COMPLETION: JSONObject = {
+    "type": "object",
+    "required": ["id", "object", "created", "model", "choices"],
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"const": "chat.completion"},
+        "created": {"type": "integer"},
+        "model": {"type": "string"},
+        "choices": {"type": "array", "items": _CHOICE},
+        "usage": _USAGE,
+    },
+}
+
+_EMBEDDINGS_REQUEST: JSONObject = {
+    "type": "object",
+    "required": ["model", "input"],
+    "properties": {
+        "model": {"type": "string", "minLength": 1, "maxLength": 256},
+        "input": {
+            "anyOf": [
+                {"type": "string", "minLength": 1},
+                {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": 2048,
+                    "items": {"type": "string", "minLength": 1},
+                },
+            ]
+        },
+        "encoding_format": {"enum": ["float", "base64"]},
+        "dimensions": {"type": "integer", "minimum": 1},
+        "user": {"type": "string"},
+    },
+}
+
+_EMBEDDINGS: JSONObject = {
+    "type": "object",
+    "required": ["object", "data", "model"],
+    "properties": {
+        "object": {"const": "list"},
+        "data": {"type": "array", "items": {"type": "object", "required": ["index", "embedding"]}},
+        "model": {"type": "string"},
+        "usage": _USAGE,
+    },
+}
+
+_MODEL: JSONObject = {
+    "type": "object",
+    "required": ["id", "object", "owned_by"],
+    "properties": {"id": {"type": "string"}, "object": {"const": "model"}, "owned_by": {"type": "string"}},
+}
+
+
+def _json(schema: JSONObject, description: str) -> JSONObject:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def openapi_document() -> JSONObject:
+    bearer: list[JSONObject] = [{"bearer": []}]
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Atajo",
+            "version": __version__,
+            "description": "OpenAI-compatible LLM gateway. Model endpoints follow OpenAI's API.",
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {
+                        "error": {
+                            "type": "object",
+                            "required": ["message", "type", "param", "code"],
+                            "properties": {
+                                "message": {"type": "string"},
+                                "type": {"type": "string"},
+                                "param": {"type": ["string", "null"]},
+                                "code": {"type": ["string", "null"]},
+                            },
+                        }
+                    },
+                }
+            },
+        },
+        "paths": {
+            "/v1/chat/completions": {
+                "post": {
+                    "operationId": "createChatCompletion",
+                    "security": bearer,
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _CHAT_REQUEST}},
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "A completion, or server-sent events of chunks when stream is true",
+                            "content": {
+                                "application/json": {"schema": _CHAT_COMPLETION},
+                                "text/event-stream": {"schema": {"type": "string"}},
+                            },
+                        },
+                        **_errors(*_MODEL_ERRORS),
+                    },
+                }
+            },
+            "/v1/embeddings": {
+                "post": {
+                    "operationId": "createEmbedding",
+                    "security": bearer,
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _EMBEDDINGS_REQUEST}},
+                    },
+                    "responses": {"200": _json(_EMBEDDINGS, "Embeddings"), **_errors(*_MODEL_ERRORS)},
+                }
+            },
+            "/v1/models": {
+                "get": {
+                    "operationId": "listModels",
+                    "security": bearer,
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "required": ["object", "data"],
+                                "properties": {
+                                    "object": {"const": "list"},
+                                    "data": {"type": "array", "items": _MODEL},
+                                },
+                            },
+                            "Public model names",
+                        ),
+                        **_errors(401),
+                    },
+                }
+            },
+            "/v1/models/{model}": {
+                "get": {
+                    "operationId": "retrieveModel",
+                    "security": bearer,
+                    "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
+                    "responses": {"200": _json(_MODEL, "One model"), **_errors(401, 404)},
+                }
+            },
+            "/health": {
+                "get": {
+                    "operationId": "health",
+                    "responses": {"200": _json({"type": "object", "required": ["status"]}, "Alive")},
+                }
+            },
+            "/ready": {
+                "get": {
+                    "operationId": "ready",
+                    "responses": {
+                        "200": _json({"type": "object", "required": ["status", "checks"]}, "Ready"),
+                        "503": _json({"type": "object", "required": ["status", "checks", "error"]}, "Not ready"),
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "operationId": "metrics",
+                    "responses": {
+                        "200": {
+                            "description": "Prometheus text format",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
+        },
+    }

@@ -1,0 +1,223 @@
+"""OpenAI request JSON → core requests, checked field by field with errors that name the field.
+
+Hand-written rather than a generic schema validator: it runs on every request, checks only what the
+gateway or a provider relies on, and passes every other field through untouched, so new OpenAI
+parameters keep working without a gateway release.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from atajo.core.requests import ChatRequest, EmbeddingsRequest
+from atajo.errors import InvalidRequest, MalformedJSON
+from atajo.types import JSONObject
+
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+_NUMBER = (int, float)
+
+
+def decode(raw: bytes) -> JSONObject:
+    if not raw:
+        raise MalformedJSON("The request body is empty; send a JSON object.")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedJSON(f"The request body is not valid JSON: {exc.msg} at position {exc.pos}.") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest(f"The request body must be a JSON object, not a {_kind(body)}.")
+    return body
+
+
+def _kind(value: Any) -> str:
+    return {
+        dict: "object",
+        list: "array",
+        str: "string",
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+    }.get(type(value), "null")
+
+
+def _bad(param: str, expected: str, value: Any) -> InvalidRequest:
+    return InvalidRequest(f"Invalid type for '{param}': expected {expected}, but got {_kind(value)}.", param=param)
+
+
+def _check_number(body: JSONObject, name: str, low: float, high: float) -> None:
+    value = body.get(name)
+    if value is None:
+        return
+    if not isinstance(value, _NUMBER) or isinstance(value, bool):
+        raise _bad(name, "a number", value)
+    if not low <= value <= high:
+        raise InvalidRequest(f"'{name}' must be between {low:g} and {high:g}, got {value}.", param=name)
+
+
+def _check_int(body: JSONObject, name: str, low: int, high: int | None = None) -> None:
+    value = body.get(name)
+    if value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _bad(name, "an integer", value)
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise InvalidRequest(f"'{name}' must be {bound}, got {value}.", param=name)
+
+
+def _check_type(body: JSONObject, name: str, kind: type | tuple[type, ...], expected: str) -> None:
+    value = body.get(name)
+    if value is not None and (not isinstance(value, kind) or (isinstance(value, bool) and bool not in _tuple(kind))):
+        raise _bad(name, expected, value)
+
+
+def _tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _model(body: JSONObject) -> str:
+    model = body.get("model")
+    if model is None:
+        raise InvalidRequest("You must provide a model parameter.", param="model")
+    if not isinstance(model, str) or not model.strip():
+        raise _bad("model", "a non-empty string", model)
+    if len(model) > 256:
+        raise InvalidRequest("'model' is longer than 256 characters.", param="model")
+    return model
+
+
+def parse_chat(body: JSONObject) -> ChatRequest:
+    model = _model(body)
+    messages = body.get("messages")
+    if messages is None:
+        raise InvalidRequest("Missing required parameter: 'messages'.", param="messages")
+    if not isinstance(messages, list):
+        raise _bad("messages", "an array", messages)
+    if not messages:
+        raise InvalidRequest("'messages' must contain at least one message.", param="messages")
+    for i, message in enumerate(messages):
+        _check_message(i, message)
+    _check_type(body, "stream", bool, "a boolean")
+    stream = bool(body.get("stream"))
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not isinstance(options, dict):
+            raise _bad("stream_options", "an object", options)
+        _check_type(options, "include_usage", bool, "a boolean")
+        include_usage = bool(options.get("include_usage"))
+    _check_number(body, "temperature", 0, 2)
+    _check_number(body, "top_p", 0, 1)
+    _check_number(body, "presence_penalty", -2, 2)
+    _check_number(body, "frequency_penalty", -2, 2)
+    _check_int(body, "n", 1, 128)
+    _check_int(body, "max_tokens", 1)
+    _check_int(body, "max_completion_tokens", 1)
+    _check_int(body, "seed", -(2**63), 2**63 - 1)
+    _check_int(body, "top_logprobs", 0, 20)
+    _check_type(body, "logprobs", bool, "a boolean")
+    _check_type(body, "user", str, "a string")
+    _check_type(body, "logit_bias", dict, "an object")
+    _check_type(body, "metadata", dict, "an object")
+    _check_stop(body.get("stop"))
+    _check_tools(body)
+    _check_response_format(body.get("response_format"))
+    return ChatRequest(model=model, body=body, stream=stream, include_usage=include_usage)
+
+
+def _check_message(i: int, message: Any) -> None:
+    where = f"messages[{i}]"
+    if not isinstance(message, dict):
+        raise _bad(where, "an object", message)
+    role = message.get("role")
+    if not isinstance(role, str) or role not in ROLES:
+        raise InvalidRequest(
+            f"Invalid value for '{where}.role': expected one of {', '.join(sorted(ROLES))}.",
+            param=f"{where}.role",
+        )
+    content = message.get("content")
+    if content is not None and not isinstance(content, (str, list)):
+        raise _bad(f"{where}.content", "a string or an array of content parts", content)
+    if isinstance(content, list):
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise InvalidRequest(
+                    f"Invalid content part '{where}.content[{j}]': expected an object with a 'type'.",
+                    param=f"{where}.content[{j}]",
+                )
+    if content is None and role in ("user", "system", "developer"):
+        raise InvalidRequest(f"Missing required parameter: '{where}.content'.", param=f"{where}.content")
+    tool_calls = message.get("tool_calls")
+    if tool_calls is not None and not isinstance(tool_calls, list):
+        raise _bad(f"{where}.tool_calls", "an array", tool_calls)
+
+
+def _check_stop(stop: Any) -> None:
+    if stop is None or isinstance(stop, str):
+        return
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise _bad("stop", "a string or an array of strings", stop)
+    if len(stop) > 4:
+        raise InvalidRequest("'stop' may hold at most 4 sequences.", param="stop")
+
+
+def _check_tools(body: JSONObject) -> None:
+    tools = body.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise _bad("tools", "an array", tools)
+        for i, tool in enumerate(tools):
+            function = tool.get("function") if isinstance(tool, dict) else None
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise InvalidRequest(
+                    f'Invalid \'tools[{i}]\': expected {{"type": "function", "function": {{"name": ...}}}}.',
+                    param=f"tools[{i}]",
+                )
+    choice = body.get("tool_choice")
+    if choice is not None and not isinstance(choice, (str, dict)):
+        raise _bad("tool_choice", "a string or an object", choice)
+
+
+def _check_response_format(fmt: Any) -> None:
+    if fmt is None:
+        return
+    if not isinstance(fmt, dict):
+        raise _bad("response_format", "an object", fmt)
+    if fmt.get("type") not in ("text", "json_object", "json_schema"):
+        raise InvalidRequest(
+            "Invalid 'response_format.type': expected 'text', 'json_object' or 'json_schema'.",
+            param="response_format.type",
+        )
+
+
+def parse_embeddings(body: JSONObject) -> EmbeddingsRequest:
+    model = _model(body)
+    value = body.get("input")
+    if value is None:
+        raise InvalidRequest("Missing required parameter: 'input'.", param="input")
+    if isinstance(value, str):
+        if not value:
+            raise InvalidRequest("'input' cannot be an empty string.", param="input")
+    elif isinstance(value, list):
+        if not value:
+            raise InvalidRequest("'input' cannot be an empty array.", param="input")
+        if len(value) > 2048:
+            raise InvalidRequest("'input' may hold at most 2048 items.", param="input")
+        if not (
+            all(isinstance(v, str) and v for v in value)
+            or all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            or all(isinstance(v, list) and v and all(isinstance(t, int) for t in v) for v in value)
+        ):
+            raise InvalidRequest(
+                "'input' must be a string, an array of non-empty strings, or token arrays.", param="input"
+            )
+    else:
+        raise _bad("input", "a string or an array", value)
+    fmt = body.get("encoding_format")
+    if fmt is not None and fmt not in ("float", "base64"):
+        raise InvalidRequest("'encoding_format' must be 'float' or 'base64'.", param="encoding_format")
+    _check_int(body, "dimensions", 1, 65536)
+    _check_type(body, "user", str, "a string")
+    return EmbeddingsRequest(model=model, body=body)

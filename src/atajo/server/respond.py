@@ -1,0 +1,88 @@
+"""Core results and errors → HTTP responses: JSON bodies, SSE streams, OpenAI-format errors, our headers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator
+
+import orjson
+from aiohttp import web
+
+from atajo.core.context import RequestContext
+from atajo.errors import AtajoError, RateLimited
+from atajo.types import JSONObject
+
+log = logging.getLogger("atajo.server")
+
+JSON_TYPE = "application/json"
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def error_body(err: AtajoError) -> bytes:
+    return orjson.dumps({"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}})
+
+
+def atajo_headers(ctx: RequestContext) -> dict[str, str]:
+    headers = {
+        "x-request-id": ctx.request_id,
+        "x-atajo-cache": ctx.cache_status,
+        "x-atajo-attempts": str(ctx.attempts),
+        "x-atajo-overhead-ms": f"{ctx.overhead_ms():.3f}",
+    }
+    if ctx.routed_model:
+        headers["x-atajo-model"] = ctx.routed_model
+    if ctx.deployment:
+        headers["x-atajo-deployment"] = ctx.deployment
+    if ctx.simulated:
+        headers["x-atajo-simulated"] = "true"
+    if ctx.extra_headers:
+        headers.update(ctx.extra_headers)
+    return headers
+
+
+def error_response(err: AtajoError, ctx: RequestContext) -> web.Response:
+    headers = atajo_headers(ctx)
+    retry_after = getattr(err, "retry_after_s", None)
+    if retry_after is not None or isinstance(err, RateLimited):
+        headers["retry-after"] = str(max(1, round(retry_after or 1)))
+    return web.Response(body=error_body(err), status=err.status, content_type=JSON_TYPE, headers=headers)
+
+
+def json_response(body: JSONObject, ctx: RequestContext, status: int = 200) -> web.Response:
+    payload = orjson.dumps(body)  # before the headers, so the overhead figure includes encoding
+    return web.Response(body=payload, status=status, content_type=JSON_TYPE, headers=atajo_headers(ctx))
+
+
+def sse_event(chunk: JSONObject) -> bytes:
+    return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+
+async def stream_response(
+    request: web.Request, ctx: RequestContext, chunks: AsyncGenerator[JSONObject, None], include_usage: bool
+) -> tuple[web.StreamResponse, AtajoError | None]:
+    """Write chunks as server-sent events. A failure after the headers went out is sent as an OpenAI error
+    event (the SDK raises it) and returned, since the status can no longer change."""
+    headers = atajo_headers(ctx)
+    headers["cache-control"] = "no-cache"
+    headers["x-accel-buffering"] = "no"
+    resp = web.StreamResponse(status=200, headers=headers)
+    resp.content_type = "text/event-stream"
+    await resp.prepare(request)
+    failure: AtajoError | None = None
+    try:
+        try:
+            async for chunk in chunks:
+                if not include_usage and not chunk.get("choices") and chunk.get("usage"):
+                    continue  # the usage chunk we asked for ourselves
+                await resp.write(sse_event(chunk))
+            await resp.write(SSE_DONE)
+        except AtajoError as err:
+            failure = err
+            log.warning("stream %s failed after headers: %s", ctx.request_id, err.message)
+            await resp.write(b"data: " + error_body(err) + b"\n\n")
+        await resp.write_eof()
+    except ConnectionResetError:
+        log.debug("client of %s went away mid-stream", ctx.request_id)
+    finally:
+        await chunks.aclose()
+    return resp, failure

@@ -1,0 +1,246 @@
+"""Settings: pydantic models for the YAML config plus environment overrides. Validation only, no I/O
+beyond reading the one file it is given.
+
+Precedence, lowest first: defaults < YAML file < ``ATAJO_<SECTION>__<KEY>`` variables < ``ATAJO_MASTER_KEY``.
+String values in the YAML may use ``${VAR}`` or ``${VAR:-default}``, so secrets stay in the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from atajo.errors import ConfigError
+
+ProviderName = Literal["openai", "anthropic", "simulated"]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+DEFAULT_BASE_URLS: dict[str, str] = {
+    "openai": "https://api.openai.com/v1",
+    "anthropic": "https://api.anthropic.com/v1",
+    "simulated": "simulated://local",
+}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(4000, ge=0, le=65535)
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
+    workers: int = Field(1, ge=1, le=64)
+    access_log: bool = False
+
+
+class ApiKey(_Model):
+    """A static key. Give ``key`` (read from env with ${VAR}) or its ``key_sha256`` so no secret is in the file."""
+
+    name: str
+    key: SecretStr | None = None
+    key_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ApiKey:
+        if (self.key is None) == (self.key_sha256 is None):
+            raise ValueError("give exactly one of key or key_sha256")
+        return self
+
+
+class AuthSettings(_Model):
+    master_key: SecretStr | None = None
+    keys: list[ApiKey] = Field(default_factory=list)
+
+
+class PoolSettings(_Model):
+    """Upstream HTTP connection pool, shared by all deployments, limited per host."""
+
+    keepalive_s: PositiveFloat = 30.0
+    max_connections_per_host: int = Field(50, ge=1)
+    max_connections: int = Field(1000, ge=1)
+    timeout_s: PositiveFloat = 60.0
+    connect_timeout_s: PositiveFloat = 5.0
+
+
+class RetrySettings(_Model):
+    max_retries: int = Field(2, ge=0, le=10, description="retries per deployment, on retryable errors only")
+    backoff_base_ms: float = Field(100, ge=0)
+    backoff_max_ms: float = Field(5000, ge=0)
+    max_retry_after_s: float = Field(10, ge=0, description="a longer Retry-After moves on to the next deployment")
+
+
+class BreakerSettings(_Model):
+    failure_threshold: int = Field(5, ge=1, description="consecutive failures that open the circuit")
+    cooldown_s: PositiveFloat = Field(30.0, description="open time before one half-open probe is let through")
+
+
+class SimulatedSettings(_Model):
+    """The simulated provider's latency model and fault injection (per deployment, under ``simulated:``)."""
+
+    ttft_ms: float = Field(250, ge=0)
+    tokens_per_s: PositiveFloat = 80.0
+    jitter: float = Field(0.2, ge=0, le=1, description="relative spread of every latency")
+    output_tokens: int = Field(60, ge=1, description="typical answer length when max_tokens is not given")
+    error_rate: float = Field(0.0, ge=0, le=1)
+    error_status: int = Field(503, ge=400, le=599)
+    drop_rate: float = Field(0.0, ge=0, le=1, description="share of streams cut halfway through")
+    slow_stream_factor: float = Field(1.0, ge=1, description="multiplies the time between stream chunks")
+    seed: int | None = None
+
+
+class DeploymentSettings(_Model):
+    provider: ProviderName
+    model: str | None = Field(None, description="upstream model name; empty means the requested name")
+    base_url: str | None = None
+    api_key: SecretStr | None = None
+    auth_header: Literal["authorization", "api-key", "x-api-key"] | None = None
+    api_version: str | None = Field(None, description="sent as ?api-version= (Azure) or anthropic-version")
+    headers: dict[str, str] = Field(default_factory=dict)
+    timeout_s: PositiveFloat | None = None
+    connect_timeout_s: PositiveFloat | None = None
+    weight: float = Field(1.0, gt=0)
+    stream_usage: bool = Field(True, description="ask the upstream for a usage chunk on every stream")
+    simulated: SimulatedSettings = Field(default_factory=SimulatedSettings)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError("must be an http:// or https:// URL")
+        return v.rstrip("/") if v else v
+
+
+class ModelSettings(_Model):
+    deployments: list[DeploymentSettings] = Field(min_length=1)
+    fallbacks: list[str] = Field(default_factory=list, description="model names tried after these deployments")
+    kind: Literal["chat", "embeddings", "any"] = "any"
+
+
+class Settings(_Model):
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    pool: PoolSettings = Field(default_factory=PoolSettings)
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+    breaker: BreakerSettings = Field(default_factory=BreakerSettings)
+    models: dict[str, ModelSettings] = Field(default_factory=dict)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="after")
+    def _fallbacks_exist(self) -> Settings:
+        for name, model in self.models.items():
+            for i, fallback in enumerate(model.fallbacks):
+                if fallback not in self.models:
+                    raise ValueError(f"models.{name}.fallbacks.{i}: unknown model {fallback!r}")
+        return self
+
+    @property
+    def simulated_only(self) -> bool:
+        deployments = [d for m in self.models.values() for d in m.deployments]
+        return bool(deployments) and all(d.provider == "simulated" for d in deployments)
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+SIMULATED_MODELS = ("gpt-4o-mini", "gpt-4o", "claude-3-5-haiku", "text-embedding-3-small")
+
+
+def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Read the YAML file (if any), apply env overrides and defaults, validate. Raises ConfigError."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of settings")
+        raw = _substitute(loaded or {}, env, "")
+    _apply_env_overrides(raw, env)
+    if "models" not in raw:
+        raw["models"] = default_models(env)
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+
+
+def default_models(env: Mapping[str, str]) -> dict[str, Any]:
+    """No models configured: proxy everything to OPENAI_BASE_URL with OPENAI_API_KEY, else simulate."""
+    if env.get("OPENAI_API_KEY"):
+        deployment = {
+            "provider": "openai",
+            "api_key": env["OPENAI_API_KEY"],
+            "base_url": env.get("OPENAI_BASE_URL") or DEFAULT_BASE_URLS["openai"],
+        }
+        return {"*": {"deployments": [deployment]}}
+    simulated: dict[str, Any] = {name: {"deployments": [{"provider": "simulated"}]} for name in SIMULATED_MODELS}
+    simulated["*"] = {"deployments": [{"provider": "simulated"}]}
+    return simulated
+
+
+def _substitute(value: Any, env: Mapping[str, str], where: str) -> Any:
+    if isinstance(value, dict):
+        return {k: _substitute(v, env, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, env, f"{where}.{i}") for i, v in enumerate(value)]
+    if isinstance(value, str) and "${" in value:
+
+        def repl(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            raise ConfigError(f"{where}: environment variable {name} is not set")
+
+        return _ENV_REF.sub(repl, value)
+    return value
+
+
+def _apply_env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    for name, value in env.items():
+        if not name.startswith("ATAJO_") or "__" not in name:
+            continue
+        path = [p.lower() for p in name[len("ATAJO_") :].split("__")]
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{name}: {'.'.join(path)} does not name a setting")
+            node = child
+        node[path[-1]] = yaml.safe_load(value) if value else value
+    if env.get("ATAJO_MASTER_KEY"):
+        raw.setdefault("auth", {})["master_key"] = env["ATAJO_MASTER_KEY"]
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if msg.startswith("models.") and path == "(top level)":
+            lines.append(msg)
+        else:
+            lines.append(f"{path}: {msg}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)

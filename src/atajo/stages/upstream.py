@@ -1,0 +1,184 @@
+"""Terminal stage: call a provider, with retries, fallbacks and circuit breakers.
+
+For each (model, deployment) in the table's plan: skip it in microseconds if its circuit is open; else call
+it, retrying retryable errors with back-off; on a lasting failure move to the next deployment, then to the
+fallback models. A rejection of the request itself (400, 413, 422) stops at once: every deployment would
+give the same answer. Errors from every attempt are reported together.
+
+Streams are opened and their first chunk read inside the retry loop, so a stream that fails before
+anything reached the client is retried like any other call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+
+from atajo.core.context import RequestContext
+from atajo.core.deployments import Deployment
+from atajo.core.requests import ChatRequest, Request
+from atajo.core.results import ChunkStream, Result
+from atajo.errors import (
+    AllAttemptsFailed,
+    AtajoError,
+    CircuitOpen,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamRejected,
+    UpstreamStreamBroken,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from atajo.observe.metrics import GatewayMetrics
+from atajo.providers.base import Provider
+from atajo.routing.breaker import Breaker, BreakerBoard
+from atajo.routing.retry import RetryPolicy
+from atajo.routing.table import ModelTable
+from atajo.types import JSONObject
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+def hurts_health(err: UpstreamError) -> bool:
+    """Whether an error says the deployment is unwell (counts towards opening its circuit).
+
+    Rate limits say the provider is busy, not down; rejections say the request was wrong.
+    """
+    if isinstance(err, UpstreamUnavailable):
+        return err.upstream_status != 429
+    return isinstance(err, (UpstreamConnectError, UpstreamTimeout, UpstreamStreamBroken)) or type(err) is UpstreamError
+
+
+class UpstreamStage:
+    name = "upstream"
+
+    def __init__(
+        self,
+        table: ModelTable,
+        providers: Mapping[str, Provider],
+        breakers: BreakerBoard,
+        retry: RetryPolicy,
+        metrics: GatewayMetrics,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        self.table = table
+        self.providers = providers
+        self.breakers = breakers
+        self.retry = retry
+        self.metrics = metrics
+        self.sleep = sleep
+
+    async def __call__(self, request: Request, ctx: RequestContext) -> Result:
+        errors: list[tuple[str, AtajoError]] = []
+        for public, deployment in self.table.plan(request.model):
+            if errors:
+                self.metrics.fallbacks.labels(errors[-1][0]).inc()
+            breaker = self.breakers.get(deployment.id)
+            if not breaker.allow():
+                errors.append(
+                    (
+                        deployment.id,
+                        CircuitOpen(
+                            f"deployment {deployment.id} is failing; circuit open for {breaker.retry_in_s():.1f} s more"
+                        ),
+                    )
+                )
+                continue
+            result = await self._try_deployment(request, ctx, public, deployment, breaker, errors)
+            if result is not None:
+                return result
+        if len(errors) == 1:
+            raise errors[0][1]
+        raise AllAttemptsFailed(errors)
+
+    async def _try_deployment(
+        self,
+        request: Request,
+        ctx: RequestContext,
+        public: str,
+        deployment: Deployment,
+        breaker: Breaker,
+        errors: list[tuple[str, AtajoError]],
+    ) -> Result | None:
+        provider = self.providers[deployment.provider]
+        upstream_model = deployment.model_for(public if public != "*" else request.model)
+        for retry in range(self.retry.max_retries + 1):
+            ctx.attempts += 1
+            started = time.perf_counter_ns()
+            verdict = False
+            try:
+                result = await self._call(provider, request, deployment, upstream_model, breaker)
+                verdict = True
+            except UpstreamError as err:
+                verdict = True
+                ctx.upstream_ns += time.perf_counter_ns() - started
+                self.metrics.attempts.labels(deployment.provider, deployment.id, err.code or "error").inc()
+                if isinstance(err, UpstreamRejected):
+                    breaker.success()  # it answered, and sensibly: the deployment is healthy
+                    raise
+                if hurts_health(err):
+                    breaker.failure()
+                errors.append((deployment.id, err))
+                if not err.retryable or retry == self.retry.max_retries or not breaker.allow_retry():
+                    return None
+                delay = self.retry.delay_s(retry, getattr(err, "retry_after_s", None))
+                if delay is None:
+                    return None
+                self.metrics.retries.labels(deployment.id).inc()
+                await self.sleep(delay)
+                ctx.upstream_ns += int(delay * 1e9)
+                continue
+            finally:
+                if not verdict:
+                    breaker.abandon()  # cancelled mid-call: no verdict on the deployment's health
+            elapsed = time.perf_counter_ns() - started
+            ctx.upstream_ns += elapsed
+            self.metrics.attempts.labels(deployment.provider, deployment.id, "ok").inc()
+            self.metrics.attempt_duration.labels(deployment.provider).observe(elapsed / 1e9)
+            ctx.routed_model = public if public != "*" else request.model
+            ctx.provider = deployment.provider
+            ctx.deployment = deployment.id
+            ctx.simulated = deployment.provider == "simulated"
+            return result
+        return None
+
+    async def _call(
+        self,
+        provider: Provider,
+        request: Request,
+        deployment: Deployment,
+        upstream_model: str,
+        breaker: Breaker,
+    ) -> Result:
+        if isinstance(request, ChatRequest):
+            if not request.stream:
+                result: Result = await provider.chat(request, deployment, upstream_model)
+                breaker.success()
+                return result
+            chunks = provider.chat_stream(request, deployment, upstream_model)
+            try:
+                first = await anext(chunks)
+            except StopAsyncIteration:
+                raise UpstreamStreamBroken(f"deployment {deployment.id} sent an empty stream") from None
+            except BaseException:
+                await chunks.aclose()
+                raise
+            breaker.success()
+            return ChunkStream(self._rest(first, chunks, breaker))
+        result = await provider.embeddings(request, deployment, upstream_model)
+        breaker.success()
+        return result
+
+    async def _rest(
+        self, first: JSONObject, chunks: AsyncGenerator[JSONObject, None], breaker: Breaker
+    ) -> AsyncGenerator[JSONObject, None]:
+        try:
+            yield first
+            async for chunk in chunks:
+                yield chunk
+        except UpstreamStreamBroken:
+            breaker.failure()
+            raise
+        finally:
+            await chunks.aclose()
