@@ -121,10 +121,13 @@ def build_services(settings: Settings, *, sleep: Sleep = asyncio.sleep) -> Servi
     return Services(settings, metrics, pool, table, breakers, keys, catalog, server)
 
 
+SERVICES = web.AppKey("services", Services)
+
+
 def build_app(settings: Settings, *, sleep: Sleep = asyncio.sleep) -> web.Application:
     services = build_services(settings, sleep=sleep)
     app = web.Application(client_max_size=settings.server.max_body_bytes, middlewares=[errors_middleware])
-    app["services"] = services
+    app[SERVICES] = services
     app.add_routes(services.server.routes())
 
     async def start(_: web.Application) -> None:

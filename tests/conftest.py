@@ -1,0 +1,56 @@
+"""Shared fixtures: real servers on 127.0.0.1 (the gateway and local upstreams), never patched clients."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from atajo.app import build_app
+from atajo.settings import Settings, default_models
+from tests.upstreams.live import LiveServer
+from tests.upstreams.openai_server import OpenAIUpstream
+
+IN_CI = os.environ.get("CI") == "true"
+
+GatewayFactory = Callable[..., LiveServer]
+
+
+async def _no_sleep(_: float) -> None:
+    return None
+
+
+@pytest.fixture
+def openai_upstream() -> Iterator[tuple[OpenAIUpstream, LiveServer]]:
+    upstream = OpenAIUpstream()
+    with LiveServer(upstream.app()) as server:
+        yield upstream, server
+
+
+@pytest.fixture
+def gateway() -> Iterator[GatewayFactory]:
+    """Start gateways from config dicts: ``gateway({"models": {...}})``; all stopped at teardown.
+
+    Back-off sleeps are skipped (``instant_backoff=True`` by default) so retry tests do not wait on time.
+    """
+    started: list[LiveServer] = []
+
+    def start(config: dict[str, Any] | None = None, *, instant_backoff: bool = True) -> LiveServer:
+        config = dict(config or {})
+        config.setdefault("models", default_models({}))  # as with no config and no provider key: simulated
+        settings = Settings.model_validate(config)
+        kwargs: dict[str, Any] = {"sleep": _no_sleep} if instant_backoff else {}
+        server = LiveServer(build_app(settings, **kwargs)).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def openai_model(base_url: str, **extra: Any) -> dict[str, Any]:
+    """A model config with one OpenAI-compatible deployment pointed at a local upstream."""
+    return {"deployments": [{"provider": "openai", "base_url": base_url + "/v1", "api_key": "sk-upstream", **extra}]}

@@ -1,0 +1,1 @@
+"""Local HTTP servers speaking providers' documented wire formats, used as upstreams in tests."""
