@@ -2,7 +2,9 @@
 
 The pipeline's order is declared here, once:
 
-    observe → auth → upstream          (cache, guard, ratelimit, coalesce and route join as they land)
+    observe → upstream          (guard, ratelimit, cache, coalesce and route join as they land)
+
+Authentication runs before the pipeline, at the HTTP edge (see ``atajo.auth``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from prometheus_client.core import Metric
 
+from atajo.auth.keys import KeyRing
 from atajo.core.catalog import Catalog
 from atajo.core.deployments import Deployment
 from atajo.core.pipeline import build_pipeline
@@ -27,7 +30,6 @@ from atajo.routing.retry import RetryPolicy
 from atajo.routing.table import ModelTable
 from atajo.server.http import GatewayServer, errors_middleware
 from atajo.settings import Settings
-from atajo.stages.auth import AuthStage, KeyRing
 from atajo.stages.observe import ObserveStage
 from atajo.stages.upstream import Sleep, UpstreamStage
 
@@ -81,7 +83,7 @@ def build_services(settings: Settings, *, sleep: Sleep = asyncio.sleep) -> Servi
     keys = KeyRing(settings.auth)
     providers = build_providers((d.provider for d in table.all_deployments()), pool, catalog, sleep)
     upstream = UpstreamStage(table, providers, breakers, RetryPolicy.from_settings(settings.retry), metrics, sleep)
-    pipeline = build_pipeline([ObserveStage(metrics), AuthStage(keys)], upstream)
+    pipeline = build_pipeline([ObserveStage(metrics)], upstream)
     server = GatewayServer(
         pipeline,
         metrics,

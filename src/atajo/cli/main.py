@@ -91,7 +91,7 @@ def _run_worker(settings: Settings, sock: socket.socket | None) -> None:
     from aiohttp import web
 
     from atajo.app import build_app, describe_startup
-    from atajo.stages.auth import KeyRing
+    from atajo.auth.keys import KeyRing
 
     try:
         import uvloop

@@ -9,12 +9,11 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
 
-from atajo.core.context import RequestContext
+from atajo.core.context import Principal, RequestContext
 from atajo.core.pipeline import Handler
 from atajo.core.requests import Request
 from atajo.core.results import Completion
@@ -53,7 +52,7 @@ class GatewayServer:
         *,
         max_body_bytes: int,
         model_names: Callable[[], list[str]],
-        authenticate: Callable[[Any], object],
+        authenticate: Callable[[Mapping[str, str]], Awaitable[Principal]],
         ready_checks: dict[str, ReadyCheck] | None = None,
     ) -> None:
         self.pipeline = pipeline
@@ -94,6 +93,7 @@ class GatewayServer:
         self.metrics.in_flight.inc()
         status, code = 200, ""
         try:
+            ctx.principal = await self.authenticate(request.headers)
             core = parse(decode(await self._body(request)))
             result = await self.pipeline(core, ctx)
             if isinstance(result, Completion):
@@ -137,7 +137,7 @@ class GatewayServer:
     async def list_models(self, request: web.Request) -> web.Response:
         ctx = self._ctx(request, "models")
         try:
-            self.authenticate(request.headers)
+            await self.authenticate(request.headers)
         except AuthenticationFailed as err:
             return error_response(err, ctx)
         data = [_model_object(name) for name in self.model_names()]
@@ -147,7 +147,7 @@ class GatewayServer:
         ctx = self._ctx(request, "models")
         name = request.match_info["model"]
         try:
-            self.authenticate(request.headers)
+            await self.authenticate(request.headers)
             if name not in self.model_names():
                 raise NotFound(
                     f"The model `{name}` does not exist or you do not have access to it.",
@@ -220,7 +220,10 @@ async def errors_middleware(
             err = InvalidRequest(exc.reason)
             err.status = exc.status
         ctx = RequestContext(request_id=request_id(request), route="other", headers={})
-        return error_response(err, ctx)
+        resp = error_response(err, ctx)
+        if isinstance(exc, web.HTTPMethodNotAllowed):
+            resp.headers["allow"] = ", ".join(sorted(exc.allowed_methods))
+        return resp
     except Exception:
         rid = request_id(request)
         log.exception("unexpected error in %s %s (request %s)", request.method, request.path, rid)

@@ -28,15 +28,37 @@ def _errors(*statuses: int) -> JSONObject:
 
 _MODEL_ERRORS = (400, 401, 404, 413, 429, 502, 503, 504)
 
+_CONTENT_PART: JSONObject = {"type": "object", "required": ["type"], "properties": {"type": {"type": "string"}}}
+_CONTENT: JSONObject = {"anyOf": [{"type": "string"}, {"type": "array", "items": _CONTENT_PART}]}
+_MESSAGE_FIELDS: JSONObject = {
+    "name": {"type": "string"},
+    "tool_calls": {"type": "array", "items": {"type": "object"}},
+    "tool_call_id": {"type": "string"},
+}
 _MESSAGE: JSONObject = {
+    "anyOf": [
+        {  # what the user or system says must have content
+            "type": "object",
+            "required": ["role", "content"],
+            "properties": {"role": {"enum": ["system", "developer", "user"]}, "content": _CONTENT, **_MESSAGE_FIELDS},
+        },
+        {  # an assistant turn may be only tool calls
+            "type": "object",
+            "required": ["role"],
+            "properties": {
+                "role": {"enum": ["assistant", "tool", "function"]},
+                "content": {"anyOf": [_CONTENT, {"type": "null"}]},
+                **_MESSAGE_FIELDS,
+            },
+        },
+    ]
+}
+_TOOL: JSONObject = {
     "type": "object",
-    "required": ["role"],
+    "required": ["type", "function"],
     "properties": {
-        "role": {"enum": ["system", "developer", "user", "assistant", "tool", "function"]},
-        "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}, {"type": "null"}]},
-        "name": {"type": "string"},
-        "tool_calls": {"type": "array", "items": {"type": "object"}},
-        "tool_call_id": {"type": "string"},
+        "type": {"const": "function"},
+        "function": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}},
     },
 }
 
@@ -44,20 +66,30 @@ _CHAT_REQUEST: JSONObject = {
     "type": "object",
     "required": ["model", "messages"],
     "properties": {
-        "model": {"type": "string", "minLength": 1, "maxLength": 256},
+        "model": {"type": "string", "pattern": "^[!-~]{1,256}$"},
         "messages": {"type": "array", "minItems": 1, "items": _MESSAGE},
         "stream": {"type": "boolean"},
         "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
         "temperature": {"type": "number", "minimum": 0, "maximum": 2},
         "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+        "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+        "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
         "n": {"type": "integer", "minimum": 1, "maximum": 128},
         "max_tokens": {"type": "integer", "minimum": 1},
         "max_completion_tokens": {"type": "integer", "minimum": 1},
         "stop": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}]},
-        "seed": {"type": "integer"},
-        "tools": {"type": "array", "items": {"type": "object"}},
+        "seed": {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1},
+        "logprobs": {"type": "boolean"},
+        "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
+        "logit_bias": {"type": "object"},
+        "metadata": {"type": "object"},
+        "tools": {"type": "array", "items": _TOOL},
         "tool_choice": {"anyOf": [{"type": "string"}, {"type": "object"}]},
-        "response_format": {"type": "object"},
+        "response_format": {
+            "type": "object",
+            "required": ["type"],
+            "properties": {"type": {"enum": ["text", "json_object", "json_schema"]}},
+        },
         "user": {"type": "string"},
     },
 }
@@ -70,6 +102,13 @@ _CHOICE: JSONObject = {
         "message": {"type": "object", "required": ["role"]},
         "finish_reason": {"type": ["string", "null"]},
     },
+}
+
+_SSE_EVENT: JSONObject = {
+    "description": "One server-sent event: data is a chat.completion.chunk as JSON, an error object, or [DONE]",
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
 }
 
 _USAGE: JSONObject = {
@@ -95,24 +134,28 @@ _CHAT_COMPLETION: JSONObject = {
     },
 }
 
+_TOKEN: JSONObject = {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}
+
 _EMBEDDINGS_REQUEST: JSONObject = {
     "type": "object",
     "required": ["model", "input"],
     "properties": {
-        "model": {"type": "string", "minLength": 1, "maxLength": 256},
+        "model": {"type": "string", "pattern": "^[!-~]{1,256}$"},
         "input": {
             "anyOf": [
                 {"type": "string", "minLength": 1},
+                {"type": "array", "minItems": 1, "maxItems": 2048, "items": {"type": "string", "minLength": 1}},
+                {"type": "array", "minItems": 1, "maxItems": 2048, "items": _TOKEN},
                 {
                     "type": "array",
                     "minItems": 1,
                     "maxItems": 2048,
-                    "items": {"type": "string", "minLength": 1},
+                    "items": {"type": "array", "minItems": 1, "items": _TOKEN},
                 },
             ]
         },
         "encoding_format": {"enum": ["float", "base64"]},
-        "dimensions": {"type": "integer", "minimum": 1},
+        "dimensions": {"type": "integer", "minimum": 1, "maximum": 65536},
         "user": {"type": "string"},
     },
 }
@@ -133,6 +176,22 @@ _MODEL: JSONObject = {
     "required": ["id", "object", "owned_by"],
     "properties": {"id": {"type": "string"}, "object": {"const": "model"}, "owned_by": {"type": "string"}},
 }
+
+
+def _nullable_optionals(schema: JSONObject) -> JSONObject:
+    """Optional request fields may be sent as null, as OpenAI's API and SDKs allow."""
+    if "items" in schema:
+        schema = {**schema, "items": _nullable_optionals(schema["items"])}
+    if "anyOf" in schema:
+        schema = {**schema, "anyOf": [_nullable_optionals(branch) for branch in schema["anyOf"]]}
+    if "properties" not in schema:
+        return schema
+    required = set(schema.get("required", ()))
+    props = {}
+    for name, prop in schema["properties"].items():
+        prop = _nullable_optionals(prop)
+        props[name] = prop if name in required else {"anyOf": [prop, {"type": "null"}]}
+    return {**schema, "properties": props}
 
 
 def _json(schema: JSONObject, description: str) -> JSONObject:
@@ -176,14 +235,14 @@ def openapi_document() -> JSONObject:
                     "security": bearer,
                     "requestBody": {
                         "required": True,
-                        "content": {"application/json": {"schema": _CHAT_REQUEST}},
+                        "content": {"application/json": {"schema": _nullable_optionals(_CHAT_REQUEST)}},
                     },
                     "responses": {
                         "200": {
                             "description": "A completion, or server-sent events of chunks when stream is true",
                             "content": {
                                 "application/json": {"schema": _CHAT_COMPLETION},
-                                "text/event-stream": {"schema": {"type": "string"}},
+                                "text/event-stream": {"schema": _SSE_EVENT},
                             },
                         },
                         **_errors(*_MODEL_ERRORS),
@@ -196,7 +255,7 @@ def openapi_document() -> JSONObject:
                     "security": bearer,
                     "requestBody": {
                         "required": True,
-                        "content": {"application/json": {"schema": _EMBEDDINGS_REQUEST}},
+                        "content": {"application/json": {"schema": _nullable_optionals(_EMBEDDINGS_REQUEST)}},
                     },
                     "responses": {"200": _json(_EMBEDDINGS, "Embeddings"), **_errors(*_MODEL_ERRORS)},
                 }

@@ -7,6 +7,7 @@ parameters keep working without a gateway release.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -15,6 +16,7 @@ from atajo.core.requests import ChatRequest, EmbeddingsRequest
 from atajo.errors import InvalidRequest, MalformedJSON
 from atajo.types import JSONObject
 
+_MODEL_NAME = re.compile(r"^[!-~]{1,256}$")  # it is echoed in headers: no spaces or control characters
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 _NUMBER = (int, float)
 
@@ -60,6 +62,8 @@ def _check_int(body: JSONObject, name: str, low: int, high: int | None = None) -
     value = body.get(name)
     if value is None:
         return
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        value = body[name] = int(value)  # JSON has one number type: 4.0 is the integer 4
     if not isinstance(value, int) or isinstance(value, bool):
         raise _bad(name, "an integer", value)
     if value < low or (high is not None and value > high):
@@ -83,8 +87,8 @@ def _model(body: JSONObject) -> str:
         raise InvalidRequest("You must provide a model parameter.", param="model")
     if not isinstance(model, str) or not model.strip():
         raise _bad("model", "a non-empty string", model)
-    if len(model) > 256:
-        raise InvalidRequest("'model' is longer than 256 characters.", param="model")
+    if not _MODEL_NAME.match(model):
+        raise InvalidRequest("'model' must be 1 to 256 printable ASCII characters without spaces.", param="model")
     return model
 
 
@@ -149,9 +153,15 @@ def _check_message(i: int, message: Any) -> None:
                 )
     if content is None and role in ("user", "system", "developer"):
         raise InvalidRequest(f"Missing required parameter: '{where}.content'.", param=f"{where}.content")
+    for name in ("name", "tool_call_id"):
+        value = message.get(name)
+        if value is not None and not isinstance(value, str):
+            raise _bad(f"{where}.{name}", "a string", value)
     tool_calls = message.get("tool_calls")
-    if tool_calls is not None and not isinstance(tool_calls, list):
-        raise _bad(f"{where}.tool_calls", "an array", tool_calls)
+    if tool_calls is not None and (
+        not isinstance(tool_calls, list) or not all(isinstance(c, dict) for c in tool_calls)
+    ):
+        raise _bad(f"{where}.tool_calls", "an array of objects", tool_calls)
 
 
 def _check_stop(stop: Any) -> None:
@@ -170,7 +180,11 @@ def _check_tools(body: JSONObject) -> None:
             raise _bad("tools", "an array", tools)
         for i, tool in enumerate(tools):
             function = tool.get("function") if isinstance(tool, dict) else None
-            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            if (
+                not isinstance(function, dict)
+                or not isinstance(function.get("name"), str)
+                or tool.get("type") != "function"
+            ):
                 raise InvalidRequest(
                     f'Invalid \'tools[{i}]\': expected {{"type": "function", "function": {{"name": ...}}}}.',
                     param=f"tools[{i}]",
@@ -192,6 +206,17 @@ def _check_response_format(fmt: Any) -> None:
         )
 
 
+def _is_token(value: Any) -> bool:
+    # JSON has one number type, so 7.0 is the token 7 (normalised by _tokens below).
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31
+
+
+def _tokens(value: list[Any]) -> list[Any]:
+    return [_tokens(v) if isinstance(v, list) else int(v) for v in value]
+
+
 def parse_embeddings(body: JSONObject) -> EmbeddingsRequest:
     model = _model(body)
     value = body.get("input")
@@ -207,12 +232,14 @@ def parse_embeddings(body: JSONObject) -> EmbeddingsRequest:
             raise InvalidRequest("'input' may hold at most 2048 items.", param="input")
         if not (
             all(isinstance(v, str) and v for v in value)
-            or all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-            or all(isinstance(v, list) and v and all(isinstance(t, int) for t in v) for v in value)
+            or all(_is_token(v) for v in value)
+            or all(isinstance(v, list) and v and all(_is_token(t) for t in v) for v in value)
         ):
             raise InvalidRequest(
                 "'input' must be a string, an array of non-empty strings, or token arrays.", param="input"
             )
+        if not isinstance(value[0], str):
+            body["input"] = _tokens(value)
     else:
         raise _bad("input", "a string or an array", value)
     fmt = body.get("encoding_format")

@@ -8,10 +8,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 
-from atajo.core.context import Principal, RequestContext
-from atajo.core.pipeline import Handler
-from atajo.core.requests import Request
-from atajo.core.results import Result
+from atajo.core.context import Principal
 from atajo.errors import AuthenticationFailed
 from atajo.settings import AuthSettings
 
@@ -44,7 +41,11 @@ class KeyRing:
         """No key configured: the gateway is open (local use); say so at start-up."""
         return not self._by_digest
 
-    def authenticate(self, headers: Mapping[str, str]) -> Principal:
+    async def authenticate(self, headers: Mapping[str, str]) -> Principal:
+        """Async because later key stores (database, Redis) are; this one answers from memory."""
+        return self.lookup(headers)
+
+    def lookup(self, headers: Mapping[str, str]) -> Principal:
         if self.open:
             return Principal("anonymous")
         key = presented_key(headers)
@@ -57,14 +58,3 @@ class KeyRing:
         if principal is None:
             raise AuthenticationFailed("Incorrect API key provided.")
         return principal
-
-
-class AuthStage:
-    name = "auth"
-
-    def __init__(self, keys: KeyRing) -> None:
-        self.keys = keys
-
-    async def __call__(self, request: Request, ctx: RequestContext, call_next: Handler) -> Result:
-        ctx.principal = self.keys.authenticate(ctx.headers)
-        return await call_next(request, ctx)

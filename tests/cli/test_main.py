@@ -1,0 +1,82 @@
+"""The command line: --version, serve --help, config check, and a real `python -m atajo serve` process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from atajo import __version__
+from atajo.cli.main import cli
+
+
+def test_version() -> None:
+    result = CliRunner().invoke(cli, ["--version"])
+    assert result.exit_code == 0
+    assert __version__ in result.output
+
+
+def test_serve_help_documents_every_option() -> None:
+    result = CliRunner().invoke(cli, ["serve", "--help"])
+    assert result.exit_code == 0
+    for option in ("--config", "--host", "--port", "--workers", "--log-level", "--access-log"):
+        assert option in result.output
+
+
+def test_config_check_ok(tmp_path: Path) -> None:
+    path = tmp_path / "ok.yaml"
+    path.write_text("models:\n  m:\n    deployments:\n      - provider: simulated\n      - provider: simulated\n")
+    result = CliRunner().invoke(cli, ["config", "check", str(path)])
+    assert result.exit_code == 0
+    assert "OK (1 models, 2 deployments)" in result.output
+
+
+def test_config_check_names_the_bad_setting(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("pool:\n  max_connections_per_host: 0\nmodels:\n  m:\n    deployments: [{provider: x}]\n")
+    result = CliRunner().invoke(cli, ["config", "check", str(path)])
+    assert result.exit_code == 2
+    assert "pool.max_connections_per_host" in result.output
+    assert "models.m.deployments.0.provider" in result.output
+    assert "Traceback" not in result.output
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_serve_starts_on_the_simulated_provider_and_says_so(tmp_path: Path) -> None:
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "ATAJO_CONFIG", "ATAJO_MASTER_KEY")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "atajo", "serve", "--port", str(port)],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1) as resp:
+                    assert resp.status == 200
+                    break
+            except OSError:
+                assert proc.poll() is None, "atajo serve exited early"
+                assert time.monotonic() < deadline, "atajo serve never became ready"
+                time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=15)
+    assert "SIMULATED" in stderr
+    assert f"http://127.0.0.1:{port}/v1" in stderr
+    assert proc.returncode == 0

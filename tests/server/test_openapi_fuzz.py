@@ -1,0 +1,56 @@
+"""Property-based fuzzing of Atajo's own OpenAPI document with schemathesis: no 5xx, every response in
+its documented schema, content type and status, valid data accepted and invalid data rejected."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+
+from atajo.app import build_app
+from atajo.server.openapi import openapi_document
+from atajo.settings import Settings, default_models
+from tests.upstreams.live import LiveServer
+
+MASTER = "sk-fuzz-master"
+schema = schemathesis.openapi.from_dict(openapi_document())
+
+
+async def _instant(_: float) -> None:
+    return None
+
+
+@pytest.fixture(scope="module")
+def fuzz_gateway() -> Iterator[LiveServer]:
+    config = Settings.model_validate(
+        {"auth": {"master_key": MASTER}, "server": {"max_body_bytes": 65536}, "models": default_models({})}
+    )
+    with LiveServer(build_app(config, sleep=_instant)) as server:
+        yield server
+
+
+def test_document_is_served(fuzz_gateway: LiveServer) -> None:
+    import urllib.request
+
+    with urllib.request.urlopen(fuzz_gateway.url + "/openapi.json") as resp:
+        served = resp.read()
+    import orjson
+
+    assert orjson.loads(served) == orjson.loads(orjson.dumps(openapi_document()))
+
+
+@schema.parametrize()
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+def test_fuzz(case: schemathesis.Case[Any], fuzz_gateway: LiveServer) -> None:
+    excluded = []
+    if case.operation.path == "/v1/embeddings":
+        # `input` is an anyOf of string / strings / tokens / token arrays: schemathesis's negative generator
+        # breaks one branch and can land on another ([0] is "wrong strings" but valid tokens), a false alarm.
+        # Negative cases still must not 5xx and must answer in the documented error schema.
+        excluded.append(schemathesis.checks.negative_data_rejection)
+    case.call_and_validate(
+        base_url=fuzz_gateway.url, headers={"Authorization": f"Bearer {MASTER}"}, excluded_checks=excluded
+    )
