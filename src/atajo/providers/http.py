@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
 import aiohttp
@@ -50,12 +51,16 @@ async def post(
     *,
     streaming: bool,
 ) -> AsyncIterator[aiohttp.ClientResponse]:
-    """POST and yield a 2xx response; any failure comes out as an ``UpstreamError``."""
+    """POST and yield a 2xx response; any failure comes out as an ``UpstreamError``.
+
+    Redirects are not followed: the request goes to the configured URL or nowhere, so an upstream (or
+    anything in front of it) cannot send the body and the deployment's credentials to another host.
+    """
     where = describe(deployment)
     pool.sent[deployment.base_url] += 1
     try:
         async with pool.session.post(
-            url, data=payload, headers=headers, timeout=pool.timeout(deployment, streaming)
+            url, data=payload, headers=headers, timeout=pool.timeout(deployment, streaming), allow_redirects=False
         ) as resp:
             if resp.status >= 300:
                 message, param = error_message(await resp.read())
@@ -71,6 +76,10 @@ async def post(
         raise
     except aiohttp.ClientConnectorError as exc:
         raise UpstreamConnectError(f"{where}: cannot connect to {exc.host}:{exc.port}") from None
+    except aiohttp.ConnectionTimeoutError:
+        raise UpstreamConnectError(
+            f"{where}: no connection in time (host unreachable or connection pool full)"
+        ) from None
     except (TimeoutError, aiohttp.ServerTimeoutError):
         raise UpstreamTimeout(f"{where}: no answer within {deployment.timeout_s:g} s") from None
     except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError) as exc:
@@ -90,7 +99,23 @@ async def read_json(resp: aiohttp.ClientResponse, deployment: Deployment) -> JSO
     return data
 
 
-async def sse_events(resp: aiohttp.ClientResponse, deployment: Deployment) -> AsyncIterator[tuple[str, bytes]]:
+async def finish(resp: aiohttp.ClientResponse, within_s: float = 0.5) -> None:
+    """Read what is left of a response whose answer is complete (a stream after its last event), so its
+    connection goes back to the pool: a connection released with unread bytes on it is closed instead.
+
+    The end of a chunked body normally arrives with the last event or right after it; an upstream that
+    holds the stream open longer is not waited for, and its connection is closed as before.
+    """
+    try:
+        async with asyncio.timeout(within_s):
+            while not resp.content.at_eof():
+                if not await resp.content.readany():
+                    break
+    except (TimeoutError, aiohttp.ClientError):
+        pass
+
+
+async def sse_events(resp: aiohttp.ClientResponse, deployment: Deployment) -> AsyncGenerator[tuple[str, bytes], None]:
     """(event, data) pairs of a server-sent-event stream; mid-stream failures become UpstreamStreamBroken."""
     event, data = "", b""
     try:
@@ -104,7 +129,7 @@ async def sse_events(resp: aiohttp.ClientResponse, deployment: Deployment) -> As
                 chunk = line[5:].lstrip(b" ")
                 data = chunk if not data else data + b"\n" + chunk
             elif line.startswith(b"event:"):
-                event = line[6:].strip().decode()
+                event = line[6:].strip().decode("utf-8", "replace")
         if data:
             yield event, data
     except (TimeoutError, aiohttp.ServerTimeoutError):

@@ -7,6 +7,7 @@ deployment's credentials, and reads the answer back.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 
 import orjson
 
@@ -14,7 +15,7 @@ from atajo.core.deployments import Deployment
 from atajo.core.requests import ChatRequest, EmbeddingsRequest
 from atajo.core.results import Completion, Usage
 from atajo.errors import UpstreamStreamBroken
-from atajo.providers.http import describe, post, read_json, sse_events
+from atajo.providers.http import describe, finish, post, read_json, sse_events
 from atajo.providers.pool import HttpPool
 from atajo.types import JSONObject
 
@@ -64,15 +65,17 @@ class OpenAIProvider:
         payload = orjson.dumps(body)
         async with post(self.pool, deployment, url, payload, self.headers(deployment), streaming=True) as resp:
             done = False
-            async for _event, data in sse_events(resp, deployment):
-                if data == b"[DONE]":
-                    done = True
-                    break
-                chunk = _decode_chunk(data, deployment)
-                if chunk is not None:
-                    yield chunk
+            async with aclosing(sse_events(resp, deployment)) as events:
+                async for _event, data in events:
+                    if data == b"[DONE]":
+                        done = True
+                        break
+                    chunk = _decode_chunk(data, deployment)
+                    if chunk is not None:
+                        yield chunk
             if not done:
                 raise UpstreamStreamBroken(f"{describe(deployment)} ended the stream before [DONE]")
+            await finish(resp)  # so the connection is reused
 
     async def embeddings(self, request: EmbeddingsRequest, deployment: Deployment, upstream_model: str) -> Completion:
         body = dict(request.body, model=upstream_model)

@@ -65,16 +65,25 @@ class HttpPool:
         return self._session
 
     def timeout(self, deployment: Deployment, streaming: bool) -> aiohttp.ClientTimeout:
-        """Whole-request timeout for plain calls; for streams, the longest wait for the next bytes."""
+        """Whole-request timeout for plain calls; for streams, the longest wait for the next bytes.
+
+        ``connect_timeout_s`` bounds opening a TCP (and TLS) connection only (aiohttp's ``sock_connect``):
+        aiohttp's ``connect`` also counts the wait for a free slot in the pool, and a request queued behind
+        slow completions at ``max_connections_per_host`` is not failing to connect. That wait is bounded by
+        ``timeout_s``, like the rest of the call.
+        """
         key = (deployment.id, streaming)
         timeout = self._timeouts.get(key)
         if timeout is None:
             if streaming:
                 timeout = aiohttp.ClientTimeout(
-                    total=None, connect=deployment.connect_timeout_s, sock_read=deployment.timeout_s
+                    total=None,
+                    connect=deployment.timeout_s,
+                    sock_connect=deployment.connect_timeout_s,
+                    sock_read=deployment.timeout_s,
                 )
             else:
-                timeout = aiohttp.ClientTimeout(total=deployment.timeout_s, connect=deployment.connect_timeout_s)
+                timeout = aiohttp.ClientTimeout(total=deployment.timeout_s, sock_connect=deployment.connect_timeout_s)
             self._timeouts[key] = timeout
         return timeout
 

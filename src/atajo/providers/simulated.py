@@ -4,6 +4,10 @@ Every answer is labelled (``system_fingerprint: "atajo-simulated"``, ids ``chatc
 gateway adds ``x-atajo-simulated: true``. Latency follows the model's catalog figures (time to first token,
 tokens per second) unless the deployment sets its own, with jitter; faults are injected at configured rates.
 Answers are deterministic for a given request (and ``seed``), so caches and tests see stable text.
+
+Latency model: the first token comes after ``ttft``, each later one ``slow_stream_factor / tokens_per_s``
+after the one before, so a streamed answer ends when the same answer would arrive whole. The ``n`` choices
+are generated side by side, so ``n`` does not lengthen the wait.
 """
 
 from __future__ import annotations
@@ -146,7 +150,8 @@ class SimulatedProvider:
         answer = _Answer(request.body, upstream_model, deployment)
         rng = random.Random(answer.seed)
         jitter = deployment.simulated.jitter
-        await self.sleep(self._jitter(rng, ttft + per_token * answer.completion_tokens, jitter))
+        later_tokens = max(0, answer.completion_tokens // answer.n - 1)  # the first one came with ttft
+        await self.sleep(self._jitter(rng, ttft + per_token * later_tokens, jitter))
         if self._drops(deployment):
             raise UpstreamUnavailable(f"deployment {deployment.id}: connection dropped (simulated)")
         body = answer.completion()
@@ -160,13 +165,19 @@ class SimulatedProvider:
         answer = _Answer(request.body, upstream_model, deployment)
         rng = random.Random(answer.seed)
         jitter = deployment.simulated.jitter
-        drop_at = len(answer.pieces()) // 2 if self._drops(deployment) else -1
+        stream = answer.stream()
+        # A dropped stream is cut halfway, always after its first chunk (a cut before it is a failed call).
+        drop_at = max(1, len(stream) // 2) if self._drops(deployment) else -1
         await self.sleep(self._jitter(rng, ttft, jitter))
-        for i, chunk in enumerate(answer.chunks()):
+        first_token = True
+        for i, (chunk, tokens) in enumerate(stream):
             if i == drop_at:
                 raise UpstreamStreamBroken(f"deployment {deployment.id}: connection dropped mid-stream (simulated)")
-            if i > 1 and per_token:
-                await self.sleep(self._jitter(rng, per_token, jitter))
+            if tokens:
+                later_tokens = tokens - 1 if first_token else tokens  # the first token came with ttft
+                first_token = False
+                if later_tokens and per_token:
+                    await self.sleep(self._jitter(rng, per_token * later_tokens, jitter))
             yield chunk
 
     # --- embeddings -----------------------------------------------------------------------------
@@ -212,6 +223,7 @@ class _Answer:
         self.prompt_tokens = prompt_tokens(messages)
         self.n = int(body.get("n") or 1)
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        self.limit: int | None = limit
         rng = random.Random(self.seed)
         wanted = max(1, int(deployment.simulated.output_tokens * rng.uniform(0.5, 1.5)))
         self.truncated = limit is not None and wanted > limit
@@ -249,17 +261,26 @@ class _Answer:
         fmt = (self.body.get("response_format") or {}).get("type")
         if fmt == "json_schema":
             schema = ((self.body.get("response_format") or {}).get("json_schema") or {}).get("schema") or {}
-            return orjson.dumps(_fill_schema(schema, rng)).decode()
+            return self._fit(orjson.dumps(_fill_schema(schema, rng)).decode())
         words = " ".join(rng.choice(_WORDS) for _ in range(max(1, self.target_tokens * 3 // 4)))
         text = f"[simulated {self.model}] {words.capitalize()}."
         if fmt == "json_object":
-            return orjson.dumps({"answer": text}).decode()
+            return self._fit(orjson.dumps({"answer": _cut(text, max(1, self.target_tokens - 4))}).decode())
         text = _cut(text, self.target_tokens)
         for stop in _stops(self.body.get("stop")):
             if stop in text:
                 self.truncated = False
                 return text[: text.index(stop)]
         return text
+
+    def _fit(self, json_text: str) -> str:
+        """Structured output is whole, valid JSON when it fits in ``max_tokens``. When it does not, it is cut
+        there (so it is invalid) and finish_reason is "length", as a real model's answer would be."""
+        if self.limit is not None and count_tokens(json_text) > self.limit:
+            self.truncated = True
+            return _cut(json_text, self.limit)
+        self.truncated = False
+        return json_text
 
     def finish_reason(self) -> str:
         if self.tool_calls:
@@ -306,47 +327,29 @@ class _Answer:
         return chunk
 
     def chunks(self) -> list[JSONObject]:
-        out = [
-            self._chunk(
-                [
-                    {
-                        "index": i,
-                        "delta": {"role": "assistant", "content": ""},
-                        "logprobs": None,
-                        "finish_reason": None,
-                    }
-                    for i in range(self.n)
-                ]
+        return [chunk for chunk, _ in self.stream()]
+
+    def stream(self) -> list[tuple[JSONObject, int]]:
+        """The streamed answer's chunks, each with the completion tokens (of one choice) it carries; they add
+        up to the usage the last chunk reports."""
+
+        def choices(delta: JSONObject, finish: str | None = None) -> JSONObject:
+            return self._chunk(
+                [{"index": i, "delta": dict(delta), "logprobs": None, "finish_reason": finish} for i in range(self.n)]
             )
-        ]
+
+        out: list[tuple[JSONObject, int]] = [(choices({"role": "assistant", "content": ""}), 0)]
         if self.tool_calls:
             calls = [dict(c, index=j) for j, c in enumerate(self.tool_calls)]
-            out += [
-                self._chunk(
-                    [
-                        {"index": i, "delta": {"tool_calls": calls}, "logprobs": None, "finish_reason": None}
-                        for i in range(self.n)
-                    ]
-                )
-            ]
+            out.append((choices({"tool_calls": calls}), sum(count_tokens(str(c)) for c in self.tool_calls)))
+        sent, counted = "", 0
         for piece in self.pieces():
-            out += [
-                self._chunk(
-                    [
-                        {"index": i, "delta": {"content": piece}, "logprobs": None, "finish_reason": None}
-                        for i in range(self.n)
-                    ]
-                )
-            ]
-        out += [
-            self._chunk(
-                [
-                    {"index": i, "delta": {}, "logprobs": None, "finish_reason": self.finish_reason()}
-                    for i in range(self.n)
-                ]
-            )
-        ]
-        out += [self._chunk([], self.usage())]
+            sent += piece
+            tokens = count_tokens(sent) - counted
+            counted += tokens
+            out.append((choices({"content": piece}), tokens))
+        out.append((choices({}, self.finish_reason()), 0))
+        out.append((self._chunk([], self.usage()), 0))
         return out
 
 

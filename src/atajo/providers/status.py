@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
 import email.utils
+import math
 import time
 
 from atajo.errors import UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
@@ -33,15 +35,23 @@ def error_for_status(
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """``Retry-After`` as seconds or as an HTTP date; None when absent or unreadable."""
+    """``Retry-After`` as seconds or as an HTTP date; None when absent or unreadable.
+
+    An HTTP date is always GMT (RFC 9110 section 5.6.7), also in the obsolete asctime form that writes no
+    zone; "inf" or "nan" are not a number of seconds.
+    """
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        return max(0.0, seconds) if math.isfinite(seconds) else None
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
     return max(0.0, when.timestamp() - (time.time() if now is None else now))

@@ -34,7 +34,11 @@ class ModelTable:
 
     def plan(self, model: str) -> list[tuple[str, Deployment]]:
         """(public model, deployment) pairs to try in order: the model's deployments by weighted draw,
-        then each fallback model's, each model at most once."""
+        then each fallback model's, each model entry at most once.
+
+        A name served by the catch-all ``*`` follows the catch-all's fallbacks, and is reported under the
+        name the client asked for.
+        """
         if model not in self._deployments and WILDCARD not in self._deployments:
             raise ModelNotFound(f"The model `{model}` does not exist or you do not have access to it.", param="model")
         plan: list[tuple[str, Deployment]] = []
@@ -42,12 +46,12 @@ class ModelTable:
         queue = [model]
         while queue:
             name = queue.pop(0)
-            if name in seen:
+            entry = name if name in self._deployments else WILDCARD
+            if entry in seen:
                 continue
-            seen.add(name)
-            deps = self._deployments.get(name) or self._deployments.get(WILDCARD, [])
-            plan.extend((name, d) for d in self._weighted_order(deps))
-            queue.extend(self._fallbacks.get(name, ()))
+            seen.add(entry)
+            plan.extend((name, d) for d in self._weighted_order(self._deployments.get(entry, [])))
+            queue.extend(self._fallbacks.get(entry, ()))
         return plan
 
     def _weighted_order(self, deps: list[Deployment]) -> list[Deployment]:

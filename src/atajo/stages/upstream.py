@@ -6,7 +6,12 @@ fallback models. A rejection of the request itself (400, 413, 422) stops at once
 give the same answer. Errors from every attempt are reported together.
 
 Streams are opened and their first chunk read inside the retry loop, so a stream that fails before
-anything reached the client is retried like any other call.
+anything reached the client (refused, dropped, cut or empty before its first chunk) is retried like any
+other call. After the first chunk a failure (cut, stalled, error event) goes to the client and counts
+against the deployment's breaker.
+
+Rate limits (429) say the provider is busy, not down: they neither count towards opening a circuit nor hold
+a half-open one, whose next caller may probe again.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from atajo.errors import (
 )
 from atajo.observe.metrics import GatewayMetrics
 from atajo.providers.base import Provider
-from atajo.routing.breaker import Breaker, BreakerBoard
+from atajo.routing.breaker import Breaker, BreakerBoard, State
 from atajo.routing.retry import RetryPolicy
 from atajo.routing.table import ModelTable
 from atajo.types import JSONObject
@@ -76,14 +81,11 @@ class UpstreamStage:
                 self.metrics.fallbacks.labels(errors[-1][0]).inc()
             breaker = self.breakers.get(deployment.id)
             if not breaker.allow():
-                errors.append(
-                    (
-                        deployment.id,
-                        CircuitOpen(
-                            f"deployment {deployment.id} is failing; circuit open for {breaker.retry_in_s():.1f} s more"
-                        ),
-                    )
-                )
+                if breaker.state is State.HALF_OPEN:
+                    why = "a trial request is in flight"
+                else:
+                    why = f"circuit open for {breaker.retry_in_s():.1f} s more"
+                errors.append((deployment.id, CircuitOpen(f"deployment {deployment.id} is failing; {why}")))
                 continue
             result = await self._try_deployment(request, ctx, public, deployment, breaker, errors)
             if result is not None:
@@ -108,7 +110,7 @@ class UpstreamStage:
             started = time.perf_counter_ns()
             verdict = False
             try:
-                result = await self._call(provider, request, deployment, upstream_model, breaker)
+                result = await self._call(provider, request, deployment, upstream_model, breaker, ctx)
                 verdict = True
             except UpstreamError as err:
                 verdict = True
@@ -119,6 +121,8 @@ class UpstreamStage:
                     raise
                 if hurts_health(err):
                     breaker.failure()
+                else:
+                    breaker.abandon()  # busy (429), not down: no verdict, so a half-open probe is not held
                 errors.append((deployment.id, err))
                 if not err.retryable or retry == self.retry.max_retries or not breaker.allow_retry():
                     return None
@@ -150,6 +154,7 @@ class UpstreamStage:
         deployment: Deployment,
         upstream_model: str,
         breaker: Breaker,
+        ctx: RequestContext,
     ) -> Result:
         if isinstance(request, ChatRequest):
             if not request.stream:
@@ -160,25 +165,41 @@ class UpstreamStage:
             try:
                 first = await anext(chunks)
             except StopAsyncIteration:
-                raise UpstreamStreamBroken(f"deployment {deployment.id} sent an empty stream") from None
+                empty = UpstreamStreamBroken(f"deployment {deployment.id} sent an empty stream")
+                empty.retryable = True  # nothing reached the client yet
+                raise empty from None
+            except UpstreamStreamBroken as err:
+                err.retryable = True  # broken before its first chunk: nothing reached the client yet
+                await chunks.aclose()
+                raise
             except BaseException:
                 await chunks.aclose()
                 raise
             breaker.success()
-            return ChunkStream(self._rest(first, chunks, breaker))
+            return ChunkStream(self._rest(first, chunks, breaker, ctx))
         result = await provider.embeddings(request, deployment, upstream_model)
         breaker.success()
         return result
 
     async def _rest(
-        self, first: JSONObject, chunks: AsyncGenerator[JSONObject, None], breaker: Breaker
+        self, first: JSONObject, chunks: AsyncGenerator[JSONObject, None], breaker: Breaker, ctx: RequestContext
     ) -> AsyncGenerator[JSONObject, None]:
+        """The stream after its first chunk. Time spent waiting for chunks is the provider's, not the gateway's
+        overhead; a failure now (cut, stalled, error event) reaches the client and counts against the breaker."""
         try:
             yield first
-            async for chunk in chunks:
+            while True:
+                started = time.perf_counter_ns()
+                try:
+                    chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    return
+                finally:
+                    ctx.upstream_ns += time.perf_counter_ns() - started
                 yield chunk
-        except UpstreamStreamBroken:
-            breaker.failure()
+        except UpstreamError as err:
+            if hurts_health(err):
+                breaker.failure()
             raise
         finally:
             await chunks.aclose()
