@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -73,13 +74,16 @@ def build_providers(names: Iterable[str], pool: HttpPool, catalog: Catalog, slee
     return providers
 
 
-def build_services(settings: Settings, *, sleep: Sleep = asyncio.sleep) -> Services:
+def build_services(
+    settings: Settings, *, sleep: Sleep = asyncio.sleep, clock: Callable[[], float] = time.monotonic
+) -> Services:
+    """Every service the app needs. ``sleep`` and ``clock`` are injectable so tests never wait on real time."""
     metrics = GatewayMetrics()
     catalog = Catalog.bundled()
     pool = HttpPool(settings.pool)
     table = build_table(settings)
     metrics.set_model_names(table.names())
-    breakers = BreakerBoard(settings.breaker)
+    breakers = BreakerBoard(settings.breaker, clock)
     keys = KeyRing(settings.auth)
     providers = build_providers((d.provider for d in table.all_deployments()), pool, catalog, sleep)
     upstream = UpstreamStage(table, providers, breakers, RetryPolicy.from_settings(settings.retry), metrics, sleep)
@@ -101,9 +105,9 @@ def build_services(settings: Settings, *, sleep: Sleep = asyncio.sleep) -> Servi
         )
         yield counter_family(
             "atajo_upstream_requests_sent",
-            "Requests sent to upstreams, by base URL",
-            ["base_url"],
-            [([url], n) for url, n in pool.sent.items()],
+            "Requests sent to upstreams, by host",
+            ["host"],
+            [([host], n) for host, n in pool.sent.items()],
         )
         idle, in_use = pool.connections()
         yield gauge_family(
@@ -126,8 +130,10 @@ def build_services(settings: Settings, *, sleep: Sleep = asyncio.sleep) -> Servi
 SERVICES = web.AppKey("services", Services)
 
 
-def build_app(settings: Settings, *, sleep: Sleep = asyncio.sleep) -> web.Application:
-    services = build_services(settings, sleep=sleep)
+def build_app(
+    settings: Settings, *, sleep: Sleep = asyncio.sleep, clock: Callable[[], float] = time.monotonic
+) -> web.Application:
+    services = build_services(settings, sleep=sleep, clock=clock)
     app = web.Application(client_max_size=settings.server.max_body_bytes, middlewares=[errors_middleware])
     app[SERVICES] = services
     app.add_routes(services.server.routes())

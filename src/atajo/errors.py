@@ -142,6 +142,10 @@ class CircuitOpen(UpstreamError):
     retryable = True
     code = "circuit_open"
 
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
 
 class AllAttemptsFailed(AtajoError):
     """Every deployment we tried failed. The status is that of the most telling error."""

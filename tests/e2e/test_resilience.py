@@ -113,9 +113,8 @@ def gateway() -> Iterator[GatewayFactory]:
 
     def start(config: dict[str, Any]) -> Gateway:
         sleep, clock = RecordingSleep(), FakeClock()
-        app = build_app(Settings.model_validate(config), sleep=sleep)
+        app = build_app(Settings.model_validate(config), sleep=sleep, clock=clock)
         services = app[SERVICES]
-        services.breakers.clock = clock  # before any breaker exists: they all read this clock
         server = LiveServer(app).start()
         started.append(server)
         return Gateway(server, services, sleep, clock)
@@ -171,7 +170,7 @@ def test_connect_errors_are_retried_with_exponential_backoff(gateway: GatewayFac
     assert attempts(err.response.headers) == 3  # max_retries: 2
     first, second = gw.sleep.delays
     assert 0.05 <= first <= 0.1 and 0.1 <= second <= 0.2  # 100 ms base, doubled, equal jitter
-    assert gw.services.pool.sent[f"http://127.0.0.1:{closed_port}/v1"] == 3
+    assert gw.services.pool.sent[f"127.0.0.1:{closed_port}"] == 3
 
 
 def test_timeouts_are_retried(gateway: GatewayFactory, upstream: UpstreamFactory) -> None:
@@ -469,8 +468,9 @@ def test_open_circuit_falls_back_without_connecting_to_the_dead_host(
     for _ in range(10):
         text, headers = gw.ok()
         assert text == backup.reply and headers["x-atajo-deployment"] == "b/0:openai" and attempts(headers) == 1
-    assert gw.services.pool.sent[dead_url + "/v1"] == 2  # no connection attempt once the circuit opened
-    assert gw.metric("atajo_upstream_requests_sent_total", base_url=dead_url + "/v1") == 2
+    dead_host = dead_url.removeprefix("http://")
+    assert gw.services.pool.sent[dead_host] == 2  # no connection attempt once the circuit opened
+    assert gw.metric("atajo_upstream_requests_sent_total", host=dead_host) == 2
 
 
 async def test_half_open_lets_one_probe_through_while_others_are_turned_away(
@@ -593,8 +593,9 @@ def test_sequential_requests_reuse_connections(gateway: GatewayFactory, upstream
         assert gw.ok()[0] == fake.reply
         assert stream_text(gw)[0] == fake.reply
     assert len(fake.received) == 40 and fake.connections <= 2
-    opened = gw.metric("atajo_upstream_connections_opened_total", host="127.0.0.1")
-    sent = gw.metric("atajo_upstream_requests_sent_total", base_url=up.url + "/v1")
+    host = f"127.0.0.1:{up.port}"
+    opened = gw.metric("atajo_upstream_connections_opened_total", host=host)
+    sent = gw.metric("atajo_upstream_requests_sent_total", host=host)
     assert sent == 40 and 1 <= opened <= 2
 
 
@@ -609,7 +610,7 @@ async def test_connections_per_host_are_limited(gateway: GatewayFactory, upstrea
         await client.close()
     assert [a.choices[0].message.content for a in answers] == [fake.reply] * 10
     assert fake.peak == 2 and fake.connections <= 2
-    assert gw.metric("atajo_upstream_connections_opened_total", host="127.0.0.1") <= 2
+    assert gw.metric("atajo_upstream_connections_opened_total", host=f"127.0.0.1:{up.port}") <= 2
 
 
 async def test_queueing_for_a_connection_is_not_a_connect_failure(
@@ -690,3 +691,58 @@ def test_request_fields_cannot_redirect_the_gateway(gateway: GatewayFactory, ups
         assert received.path == "/v1/chat/completions"
         assert received.headers["Authorization"] == "Bearer sk-upstream"  # the deployment's key, not the client's
         assert "x-forwarded-host" not in {k.lower() for k in received.headers}
+
+
+def test_a_deployment_that_cannot_express_the_request_falls_through(
+    gateway: GatewayFactory, upstream: UpstreamFactory
+) -> None:
+    fake, up = upstream()
+    gw = gateway(
+        {
+            "models": {
+                "m": {
+                    "deployments": [
+                        {"provider": "anthropic", "base_url": "http://127.0.0.1:9/v1", "weight": 1e9},
+                        {"provider": "openai", "base_url": up.url + "/v1", "weight": 1e-9},
+                    ]
+                }
+            }
+        }
+    )
+    # Anthropic has no `n`: its adapter refuses before any network call, and the OpenAI deployment answers.
+    text, headers = gw.ok(n=2)
+    assert text == fake.reply
+    assert headers["x-atajo-deployment"] == "m/1:openai"
+    assert (
+        gw.metric(
+            "atajo_upstream_attempts_total",
+            provider="anthropic",
+            deployment="m/0:anthropic",
+            outcome="unsupported_parameter",
+        )
+        == 1
+    )
+
+
+def test_only_deployment_refusing_the_request_is_a_400(gateway: GatewayFactory) -> None:
+    gw = gateway({"models": {"m": {"deployments": [{"provider": "anthropic", "base_url": "http://127.0.0.1:9/v1"}]}}})
+    err = gw.fails(n=2)
+    assert err.status_code == 400
+    assert err.code == "unsupported_parameter"
+
+
+def test_open_circuit_answers_503_with_retry_after(gateway: GatewayFactory, upstream: UpstreamFactory) -> None:
+    fake, up = upstream()
+    fake.always = Fault(status=500)
+    gw = gateway(
+        {
+            "retry": {"max_retries": 0},
+            "breaker": {"failure_threshold": 1, "cooldown_s": 30},
+            "models": {"m": one(up.url)},
+        }
+    )
+    assert gw.fails().status_code == 502
+    gw.clock.advance(10)
+    err = gw.fails()
+    assert err.status_code == 503
+    assert err.response.headers["retry-after"] == "20"  # the cooldown left, rounded up

@@ -239,7 +239,7 @@ async def test_connect_error(provider: OpenAIProvider, closed_port: int) -> None
     with pytest.raises(UpstreamConnectError) as info:
         await provider.chat(chat(), deployment(f"http://127.0.0.1:{closed_port}/v1"), "x")
     assert info.value.retryable and f"127.0.0.1:{closed_port}" in info.value.message
-    assert provider.pool.sent[f"http://127.0.0.1:{closed_port}/v1"] == 1
+    assert provider.pool.sent[f"127.0.0.1:{closed_port}"] == 1
 
 
 async def test_stream_cut_midway(provider: OpenAIProvider, openai_upstream: Upstream) -> None:

@@ -94,8 +94,8 @@ async def test_sequential_requests_reuse_one_connection(
         assert [c async for c in provider.chat_stream(chat(stream=True), dep, "x")]
     assert len(upstream.received) == 50
     assert upstream.connections == 1
-    assert pool.opened == {"127.0.0.1": 1}
-    assert pool.sent == {server.url + "/v1": 50}
+    assert pool.opened == {f"127.0.0.1:{server.port}": 1}
+    assert pool.sent == {f"127.0.0.1:{server.port}": 50}  # same key: reuse is opened / sent
     assert pool.connections() == (1, 0)  # one idle, kept alive
 
 

@@ -49,9 +49,17 @@ class LiveServer:
     def stop(self) -> None:
         if self._runner is not None:
             self.call(self._runner.cleanup())
+        self.call(self._cancel_leftovers())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
         self.loop.close()
+
+    async def _cancel_leftovers(self) -> None:
+        """Handlers a test left hanging (a dropped connection's) end here, not in a "destroyed" warning."""
+        tasks = [t for t in asyncio.all_tasks(self.loop) if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def __enter__(self) -> LiveServer:
         return self.start()

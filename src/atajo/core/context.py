@@ -36,6 +36,8 @@ class RequestContext:
     upstream_ns: int = 0
     """Time spent waiting on providers (including retry back-off), subtracted to get our own added time."""
     first_token_ns: int | None = None
+    reported_overhead_ms: float | None = None
+    """The overhead told to the client in ``x-atajo-overhead-ms`` (for streams: up to the headers)."""
     extra_headers: dict[str, str] = field(default_factory=dict)
     notes: JSONObject = field(default_factory=dict)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 
 import orjson
 
@@ -18,7 +19,7 @@ from atajo.core.requests import ChatRequest, EmbeddingsRequest
 from atajo.core.results import Completion
 from atajo.errors import UnsupportedParameter, UpstreamStreamBroken, UpstreamUnavailable
 from atajo.providers.anthropic_translate import StreamTranslator, from_anthropic, to_anthropic
-from atajo.providers.http import describe, post, read_json, sse_events
+from atajo.providers.http import describe, finish, post, read_json, sse_events
 from atajo.providers.pool import HttpPool
 from atajo.types import JSONObject
 
@@ -70,13 +71,15 @@ class AnthropicProvider:
         url = deployment.base_url + "/messages"
         payload = orjson.dumps(translated.body)
         async with post(self.pool, deployment, url, payload, self.headers(deployment), streaming=True) as resp:
-            async for event, data in sse_events(resp, deployment):
-                for chunk in translator.feed(event, _decode_event(data, where)):
-                    yield chunk
-                if translator.done:
-                    break
-        if not translator.done:
-            raise UpstreamStreamBroken(f"{where} ended the stream before message_stop")
+            async with aclosing(sse_events(resp, deployment)) as events:
+                async for event, data in events:
+                    for chunk in translator.feed(event, _decode_event(data, where)):
+                        yield chunk
+                    if translator.done:
+                        break
+            if not translator.done:
+                raise UpstreamStreamBroken(f"{where} ended the stream before message_stop")
+            await finish(resp)  # so the connection is reused
 
     async def embeddings(self, request: EmbeddingsRequest, deployment: Deployment, upstream_model: str) -> Completion:
         raise UnsupportedParameter(

@@ -57,7 +57,7 @@ async def post(
     anything in front of it) cannot send the body and the deployment's credentials to another host.
     """
     where = describe(deployment)
-    pool.sent[deployment.base_url] += 1
+    pool.count_sent(deployment.base_url)
     try:
         async with pool.session.post(
             url, data=payload, headers=headers, timeout=pool.timeout(deployment, streaming), allow_redirects=False

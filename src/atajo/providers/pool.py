@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from atajo.core.deployments import Deployment
 from atajo.settings import PoolSettings
@@ -24,7 +25,7 @@ class _CountingConnector(aiohttp.TCPConnector):
 
     async def _create_connection(self, req: Any, traces: Any, timeout: Any) -> Any:
         proto = await super()._create_connection(req, traces, timeout)
-        self._opened[req.host] += 1
+        self._opened[f"{req.host}:{req.port}"] += 1
         return proto
 
 
@@ -33,8 +34,17 @@ class HttpPool:
         self.settings = settings
         self.opened: Counter[str] = Counter()
         self.sent: Counter[str] = Counter()
+        self._host_keys: dict[str, str] = {}
         self._session: aiohttp.ClientSession | None = None
         self._timeouts: dict[tuple[str, bool], aiohttp.ClientTimeout] = {}
+
+    def count_sent(self, base_url: str) -> None:
+        """Count a request under the same ``host:port`` key that connections opened are counted under."""
+        key = self._host_keys.get(base_url)
+        if key is None:
+            url = URL(base_url)
+            key = self._host_keys[base_url] = f"{url.host}:{url.port}"
+        self.sent[key] += 1
 
     async def start(self) -> None:
         if self._session is not None:

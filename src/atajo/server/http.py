@@ -116,7 +116,9 @@ class GatewayServer:
                 self.metrics.errors.labels(route, code).inc()
 
     def _record_overhead(self, ctx: RequestContext) -> None:
-        self.metrics.overhead.labels(ctx.route).observe(ctx.overhead_ms() / 1000)
+        # For streams, the figure at the headers: later time is spent writing to a possibly slow client.
+        overhead_ms = ctx.reported_overhead_ms if ctx.reported_overhead_ms is not None else ctx.overhead_ms()
+        self.metrics.overhead.labels(ctx.route).observe(overhead_ms / 1000)
 
     async def _body(self, request: web.Request) -> bytes:
         if request.content_length is not None and request.content_length > self.max_body_bytes:

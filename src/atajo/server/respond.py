@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 from collections.abc import AsyncGenerator
 
 import orjson
 from aiohttp import web
 
 from atajo.core.context import RequestContext
-from atajo.errors import AtajoError, RateLimited
+from atajo.errors import AtajoError
 from atajo.types import JSONObject
 
 log = logging.getLogger("atajo.server")
@@ -23,11 +25,12 @@ def error_body(err: AtajoError) -> bytes:
 
 
 def atajo_headers(ctx: RequestContext) -> dict[str, str]:
+    ctx.reported_overhead_ms = ctx.overhead_ms()  # what the client is told is what metrics record
     headers = {
         "x-request-id": ctx.request_id,
         "x-atajo-cache": ctx.cache_status,
         "x-atajo-attempts": str(ctx.attempts),
-        "x-atajo-overhead-ms": f"{ctx.overhead_ms():.3f}",
+        "x-atajo-overhead-ms": f"{ctx.reported_overhead_ms:.3f}",
     }
     if ctx.routed_model:
         headers["x-atajo-model"] = ctx.routed_model
@@ -43,8 +46,9 @@ def atajo_headers(ctx: RequestContext) -> dict[str, str]:
 def error_response(err: AtajoError, ctx: RequestContext) -> web.Response:
     headers = atajo_headers(ctx)
     retry_after = getattr(err, "retry_after_s", None)
-    if retry_after is not None or isinstance(err, RateLimited):
-        headers["retry-after"] = str(max(1, round(retry_after or 1)))
+    if retry_after is not None or err.status in (429, 503):
+        seconds = retry_after if isinstance(retry_after, (int, float)) and math.isfinite(retry_after) else 1
+        headers["retry-after"] = str(max(1, math.ceil(seconds)))
     return web.Response(body=error_body(err), status=err.status, content_type=JSON_TYPE, headers=headers)
 
 
@@ -80,6 +84,13 @@ async def stream_response(
             failure = err
             log.warning("stream %s failed after headers: %s", ctx.request_id, err.message)
             await resp.write(b"data: " + error_body(err) + b"\n\n")
+        except (ConnectionResetError, asyncio.CancelledError):
+            raise
+        except Exception:
+            # The status is sent; the client must still learn the stream failed rather than see it just stop.
+            log.exception("unexpected error in stream %s", ctx.request_id)
+            failure = AtajoError(f"The gateway had an internal error; request id {ctx.request_id}.")
+            await resp.write(b"data: " + error_body(failure) + b"\n\n")
         await resp.write_eof()
     except ConnectionResetError:
         log.debug("client of %s went away mid-stream", ctx.request_id)

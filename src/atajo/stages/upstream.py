@@ -28,6 +28,7 @@ from atajo.errors import (
     AllAttemptsFailed,
     AtajoError,
     CircuitOpen,
+    InvalidRequest,
     UpstreamConnectError,
     UpstreamError,
     UpstreamRejected,
@@ -82,10 +83,13 @@ class UpstreamStage:
             breaker = self.breakers.get(deployment.id)
             if not breaker.allow():
                 if breaker.state is State.HALF_OPEN:
-                    why = "a trial request is in flight"
+                    why, wait_s = "a trial request is in flight", 1.0
                 else:
-                    why = f"circuit open for {breaker.retry_in_s():.1f} s more"
-                errors.append((deployment.id, CircuitOpen(f"deployment {deployment.id} is failing; {why}")))
+                    wait_s = breaker.retry_in_s()
+                    why = f"circuit open for {wait_s:.1f} s more"
+                errors.append(
+                    (deployment.id, CircuitOpen(f"deployment {deployment.id} is failing; {why}", retry_after_s=wait_s))
+                )
                 continue
             result = await self._try_deployment(request, ctx, public, deployment, breaker, errors)
             if result is not None:
@@ -112,6 +116,13 @@ class UpstreamStage:
             try:
                 result = await self._call(provider, request, deployment, upstream_model, breaker, ctx)
                 verdict = True
+            except InvalidRequest as err:
+                # The adapter cannot express this request (Anthropic with n > 1, say): another deployment may.
+                verdict = True
+                breaker.abandon()
+                self.metrics.attempts.labels(deployment.provider, deployment.id, err.code or "invalid").inc()
+                errors.append((deployment.id, err))
+                return None
             except UpstreamError as err:
                 verdict = True
                 ctx.upstream_ns += time.perf_counter_ns() - started
