@@ -87,7 +87,7 @@ def build_services(
     keys = KeyRing(settings.auth)
     providers = build_providers((d.provider for d in table.all_deployments()), pool, catalog, sleep)
     upstream = UpstreamStage(table, providers, breakers, RetryPolicy.from_settings(settings.retry), metrics, sleep)
-    pipeline = build_pipeline([ObserveStage(metrics)], upstream)
+    pipeline = build_pipeline([ObserveStage(metrics, catalog)], upstream)
     server = GatewayServer(
         pipeline,
         metrics,

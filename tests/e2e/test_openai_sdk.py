@@ -124,3 +124,28 @@ async def test_async_client_stream_and_plain(gateway: GatewayFactory) -> None:
     text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
     assert text == plain.choices[0].message.content  # deterministic simulated answer, streamed or not
     await aclient.close()
+
+
+def test_cost_at_catalog_prices(gateway: GatewayFactory) -> None:
+    gw = gateway()  # simulated gpt-4o-mini: $0.15 / 1M input tokens, $0.60 / 1M output tokens in the catalog
+    raw = client(gw).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "What does a gateway do?"}]
+    )
+    usage = raw.parse().usage
+    assert usage is not None
+    expected = (usage.prompt_tokens * 150 + usage.completion_tokens * 600) // 1000
+    assert int(raw.headers["x-atajo-cost-micros"]) == expected
+    import urllib.request
+
+    with urllib.request.urlopen(gw.url + "/metrics") as resp:
+        text = resp.read().decode()
+    assert f'atajo_spend_micros_total{{gen_ai_request_model="gpt-4o-mini"}} {float(expected)}' in text
+
+
+def test_unpriced_model_has_no_cost_header(gateway: GatewayFactory, openai_upstream: Upstream) -> None:
+    _, up = openai_upstream
+    gw = gateway({"models": {"fast": openai_model(up.url, model="my-private-finetune")}})
+    raw = client(gw).chat.completions.with_raw_response.create(
+        model="fast", messages=[{"role": "user", "content": "x"}]
+    )
+    assert "x-atajo-cost-micros" not in raw.headers

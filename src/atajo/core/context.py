@@ -27,12 +27,16 @@ class RequestContext:
     started_ns: int = field(default_factory=time.perf_counter_ns)
     principal: Principal | None = None
     routed_model: str | None = None
+    upstream_model: str | None = None
+    """The name the provider was asked for (what is priced in the catalog)."""
     response_model: str | None = None
     provider: str | None = None
     deployment: str | None = None
     attempts: int = 0
     cache_status: str = "miss"
     simulated: bool = False
+    cost_micros: int | None = None
+    """What the answer cost at catalog prices, in millionths of the catalog's currency, when known."""
     upstream_ns: int = 0
     """Time spent waiting on providers (including retry back-off), subtracted to get our own added time."""
     first_token_ns: int | None = None

@@ -121,6 +121,12 @@ class GatewayMetrics:
             ["deployment"],
             registry=r,
         )
+        self.spend = Counter(
+            "atajo_spend_micros",
+            "Cost of answers at catalog prices, in millionths of the catalog currency",
+            ["gen_ai_request_model"],
+            registry=r,
+        )
         self._model_names: frozenset[str] = frozenset()
 
     def set_model_names(self, names: Iterable[str]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncGenerator
 
+from atajo.core.catalog import Catalog
 from atajo.core.context import RequestContext
 from atajo.core.pipeline import Handler
 from atajo.core.requests import Request
@@ -21,8 +22,9 @@ from atajo.types import JSONObject
 class ObserveStage:
     name = "observe"
 
-    def __init__(self, metrics: GatewayMetrics) -> None:
+    def __init__(self, metrics: GatewayMetrics, catalog: Catalog) -> None:
         self.metrics = metrics
+        self.catalog = catalog
 
     async def __call__(self, request: Request, ctx: RequestContext, call_next: Handler) -> Result:
         try:
@@ -34,6 +36,8 @@ class ObserveStage:
             result.usage = result.usage or Usage.from_openai(result.body.get("usage"))
             self._operation(request, ctx, "")
             self._tokens(request, ctx, result.usage)
+            if ctx.cost_micros is not None:
+                ctx.extra_headers["x-atajo-cost-micros"] = str(ctx.cost_micros)
             return result
         result.chunks = self._watch(request, ctx, result, result.chunks)
         return result
@@ -69,6 +73,10 @@ class ObserveStage:
         if usage is None:
             return
         model = self.metrics.model_label(ctx.routed_model or request.model)
+        info = self.catalog.get(ctx.upstream_model) if ctx.upstream_model else None
+        if info is not None:
+            ctx.cost_micros = info.cost_micros(usage)
+            self.metrics.spend.labels(model).inc(ctx.cost_micros)
         self.metrics.token_usage.labels(request.operation, model, "input").observe(usage.prompt_tokens)
         if request.operation == "chat":
             self.metrics.token_usage.labels(request.operation, model, "output").observe(usage.completion_tokens)

@@ -152,6 +152,7 @@ class UpstreamStage:
             self.metrics.attempts.labels(deployment.provider, deployment.id, "ok").inc()
             self.metrics.attempt_duration.labels(deployment.provider).observe(elapsed / 1e9)
             ctx.routed_model = public if public != "*" else request.model
+            ctx.upstream_model = upstream_model
             ctx.provider = deployment.provider
             ctx.deployment = deployment.id
             ctx.simulated = deployment.provider == "simulated"
