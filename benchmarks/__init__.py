@@ -1,0 +1,1 @@
+"""Benchmarks: a local instant upstream, a minimal pass-through baseline, and the runner (``run.py``)."""
