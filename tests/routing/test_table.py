@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Sequence
 
 import pytest
 
@@ -18,7 +19,7 @@ def dep(public: str, index: int = 0, weight: float = 1.0, model: str | None = No
     return Deployment.from_settings(public, index, settings, PoolSettings())
 
 
-def ids(plan: list[tuple[str, Deployment]]) -> list[tuple[str, str]]:
+def ids(plan: Sequence[tuple[str, Deployment]]) -> list[tuple[str, str]]:
     return [(public, d.id) for public, d in plan]
 
 
@@ -110,3 +111,20 @@ def test_upstream_model_name_per_deployment() -> None:
     renamed = dep("fast", model="gpt-4o-mini-2024-07-18")
     assert renamed.model_for("fast") == "gpt-4o-mini-2024-07-18"
     assert dep("*").model_for("whatever-was-asked") == "whatever-was-asked"
+
+
+def test_fixed_plans_are_built_once_and_drawn_plans_are_not() -> None:
+    table = ModelTable(
+        {"a": [dep("a")], "b": [dep("b")], "w": [dep("w", 0), dep("w", 1)]},
+        {"a": ["b"], "b": ["w"]},
+        rng=random.Random(1),
+    )
+    assert ids(table.plan("b")) in (
+        [("b", "b/0:simulated"), ("w", "w/0:simulated"), ("w", "w/1:simulated")],
+        [("b", "b/0:simulated"), ("w", "w/1:simulated"), ("w", "w/0:simulated")],
+    )
+    orders = {tuple(ids(table.plan("a"))) for _ in range(50)}
+    assert len(orders) == 2  # a's chain reaches w's two deployments: drawn afresh every time
+    fixed = ModelTable({"a": [dep("a")], "b": [dep("b")]}, {"a": ["b"]})
+    assert fixed.plan("a") is fixed.plan("a")  # no draw in the chain: built once
+    assert ids(fixed.plan("a")) == [("a", "a/0:simulated"), ("b", "b/0:simulated")]

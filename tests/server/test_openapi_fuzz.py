@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, settings
 from atajo.app import build_app
 from atajo.server.openapi import openapi_document
 from atajo.settings import Settings, default_models
+from tests.conftest import IN_CI
 from tests.upstreams.live import LiveServer
 
 MASTER = "sk-fuzz-master"
@@ -43,7 +44,8 @@ def test_document_is_served(fuzz_gateway: LiveServer) -> None:
 
 
 @schema.parametrize()
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+# Random examples on a developer's machine (to find new bugs); the same examples every time in CI.
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=IN_CI)
 def test_fuzz(case: schemathesis.Case[Any], fuzz_gateway: LiveServer) -> None:
     excluded = []
     if case.operation.path == "/v1/embeddings":

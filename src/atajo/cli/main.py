@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import multiprocessing
 import os
@@ -102,6 +103,11 @@ def _run_worker(settings: Settings, sock: socket.socket | None) -> None:
     app = build_app(settings)
     for line in describe_startup(settings, KeyRing(settings.auth).open):
         log.warning(line) if "SIMULATED" in line or "auth:" in line else log.info(line)
+    # Everything built so far lives as long as the process: keep the collector from rescanning it, and
+    # collect less often (the request path allocates many short-lived objects; measured in benchmarks).
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 50, 100)
     where = f"http://{settings.server.host}:{settings.server.port}"
     log.info("atajo %s (pid %d) serving the OpenAI API at %s/v1", __version__, os.getpid(), where)
     web.run_app(

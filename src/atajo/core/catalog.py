@@ -31,14 +31,19 @@ class Catalog:
     def __init__(self, models: dict[str, ModelInfo], currency: str) -> None:
         self.models = models
         self.currency = currency
+        self._resolved: dict[str, ModelInfo | None] = {}
 
     def get(self, model: str) -> ModelInfo | None:
         """Exact name, else the longest catalog name the model starts with (``gpt-4o-2024-08-06`` → ``gpt-4o``)."""
+        if model in self._resolved:
+            return self._resolved[model]
         info = self.models.get(model)
-        if info is not None:
-            return info
-        best = max((n for n in self.models if model.startswith(n)), key=len, default=None)
-        return self.models[best] if best else None
+        if info is None:
+            best = max((n for n in self.models if model.startswith(n)), key=len, default=None)
+            info = self.models[best] if best else None
+        if len(self._resolved) < 10_000:  # names come from config, but a catch-all passes clients' through
+            self._resolved[model] = info
+        return info
 
     @classmethod
     def bundled(cls) -> Catalog:

@@ -7,8 +7,6 @@ from dataclasses import dataclass, field
 
 from multidict import CIMultiDictProxy
 
-from atajo.types import JSONObject
-
 
 @dataclass(slots=True)
 class Principal:
@@ -42,8 +40,7 @@ class RequestContext:
     first_token_ns: int | None = None
     reported_overhead_ms: float | None = None
     """The overhead told to the client in ``x-atajo-overhead-ms`` (for streams: up to the headers)."""
-    extra_headers: dict[str, str] = field(default_factory=dict)
-    notes: JSONObject = field(default_factory=dict)
+    extra_headers: dict[str, str] | None = None
 
     def elapsed_ns(self) -> int:
         return time.perf_counter_ns() - self.started_ns

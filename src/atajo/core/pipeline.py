@@ -7,6 +7,7 @@ call ``call_next`` and look at (or wrap) what comes back.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Protocol
 
 from atajo.core.context import RequestContext
@@ -23,16 +24,11 @@ class Stage(Protocol):
 
 
 def build_pipeline(stages: Sequence[Stage], terminal: Handler) -> Handler:
-    """Compose ``stages`` (outermost first) around ``terminal`` into one handler."""
+    """Compose ``stages`` (outermost first) around ``terminal`` into one handler.
+
+    ``partial`` binds each stage's ``call_next`` in C, so a stage costs one coroutine frame, not two.
+    """
     handler = terminal
     for stage in reversed(stages):
-        handler = _bind(stage, handler)
+        handler = partial(stage, call_next=handler)
     return handler
-
-
-def _bind(stage: Stage, call_next: Handler) -> Handler:
-    async def handle(request: Request, ctx: RequestContext) -> Result:
-        return await stage(request, ctx, call_next)
-
-    handle.__qualname__ = f"stage[{stage.name}]"
-    return handle

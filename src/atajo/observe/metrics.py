@@ -4,44 +4,114 @@ Names follow Prometheus conventions (``_total``, ``_seconds``) and the OpenTelem
 conventions where one exists (``gen_ai_client_operation_duration_seconds``,
 ``gen_ai_client_token_usage``, ``gen_ai_server_time_to_first_token_seconds``).
 Labels never carry secrets or client-chosen strings: unknown model names are reported as ``other``.
+
+Recording is done by the small lock-free types below rather than prometheus-client's own: every metric is
+touched only from its process's event loop, so the locks and per-call label resolution of the library's
+types were pure cost on the hot path (40 % of the gateway's own instructions per request, measured with
+callgrind; see docs/benchmarks.md). prometheus-client still does the exposition, from a collector.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Sequence
+from typing import Generic, TypeVar
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    disable_created_metrics,
-    generate_latest,
-)
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-LATENCY_BUCKETS = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1,
-    2.5,
-    5,
-    10,
-    30,
-    60,
-    120,
-)
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1)
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
+
+
+Child = TypeVar("Child")
+
+
+class _CounterChild:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class _HistogramChild:
+    __slots__ = ("buckets", "counts", "sum")
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.buckets, value)] += 1  # bucket i holds values <= buckets[i]
+        self.sum += value
+
+
+class _Labelled(Generic[Child]):
+    def __init__(self, name: str, doc: str, labelnames: Sequence[str]) -> None:
+        self.name = name
+        self.doc = doc
+        self.labelnames = list(labelnames)
+        self._children: dict[tuple[str, ...], Child] = {}
+
+    def labels(self, *values: str) -> Child:
+        child = self._children.get(values)
+        if child is None:
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
+            child = self._children[values] = self._new()
+        return child
+
+    def _new(self) -> Child:
+        raise NotImplementedError
+
+
+class Counter(_Labelled[_CounterChild]):
+    def _new(self) -> _CounterChild:
+        return _CounterChild()
+
+    def collect(self) -> Metric:
+        family = CounterMetricFamily(self.name, self.doc, labels=self.labelnames)
+        for values, child in self._children.items():
+            family.add_metric(list(values), child.value)
+        return family
+
+
+class Histogram(_Labelled[_HistogramChild]):
+    def __init__(self, name: str, doc: str, labelnames: Sequence[str], buckets: Sequence[float]) -> None:
+        super().__init__(name, doc, labelnames)
+        self.buckets = tuple(float(b) for b in buckets)
+
+    def _new(self) -> _HistogramChild:
+        return _HistogramChild(self.buckets)
+
+    def collect(self) -> Metric:
+        family = HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)
+        bounds = [*(str(b) for b in self.buckets), "+Inf"]
+        for values, child in self._children.items():
+            cumulative, running = [], 0
+            for bound, count in zip(bounds, child.counts, strict=True):
+                running += count
+                cumulative.append((bound, float(running)))
+            family.add_metric(list(values), cumulative, child.sum)
+        return family
+
+
+class Gauge:
+    """An unlabelled gauge kept as a plain number."""
+
+    def __init__(self, name: str, doc: str) -> None:
+        self.name = name
+        self.doc = doc
+        self.value = 0.0
+
+    def collect(self) -> Metric:
+        return GaugeMetricFamily(self.name, self.doc, value=self.value)
 
 
 class _Callback(Collector):
@@ -54,79 +124,68 @@ class _Callback(Collector):
 
 class GatewayMetrics:
     def __init__(self) -> None:
-        disable_created_metrics()  # type: ignore[no-untyped-call]  # the *_created series double every counter's output for no reader
-        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = CollectorRegistry(auto_describe=False)
         self.requests = Counter(
-            "atajo_requests",
-            "HTTP requests answered, by route and status code",
-            ["route", "status"],
-            registry=r,
+            "atajo_requests", "HTTP requests answered, by route and status code", ["route", "status"]
         )
         self.request_duration = Histogram(
             "atajo_request_duration_seconds",
             "Time from request received to response ready (streams: to the last chunk)",
             ["route"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
         )
         self.overhead = Histogram(
             "atajo_gateway_overhead_seconds",
             "Time the gateway itself added (total minus waiting on providers)",
             ["route"],
-            buckets=OVERHEAD_BUCKETS,
-            registry=r,
+            OVERHEAD_BUCKETS,
         )
-        self.errors = Counter(
-            "atajo_errors", "Errors answered to clients, by error code", ["route", "code"], registry=r
-        )
-        self.in_flight = Gauge("atajo_requests_in_flight", "Requests being handled now", registry=r)
+        self.errors = Counter("atajo_errors", "Errors answered to clients, by error code", ["route", "code"])
+        self.in_flight = Gauge("atajo_requests_in_flight", "Requests being handled now")
         self.operation_duration = Histogram(
             "gen_ai_client_operation_duration_seconds",
             "GenAI operation duration, as the gateway saw it",
             ["gen_ai_operation_name", "gen_ai_request_model", "gen_ai_provider_name", "error_type"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
         )
         self.token_usage = Histogram(
             "gen_ai_client_token_usage",
             "Tokens used per operation (input or output)",
             ["gen_ai_operation_name", "gen_ai_request_model", "gen_ai_token_type"],
-            buckets=TOKEN_BUCKETS,
-            registry=r,
+            TOKEN_BUCKETS,
         )
         self.ttft = Histogram(
             "gen_ai_server_time_to_first_token_seconds",
             "Time to the first streamed chunk",
             ["gen_ai_request_model"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
         )
         self.attempts = Counter(
             "atajo_upstream_attempts",
             "Calls to provider deployments, by outcome (ok or error code)",
             ["provider", "deployment", "outcome"],
-            registry=r,
         )
         self.attempt_duration = Histogram(
             "atajo_upstream_attempt_duration_seconds",
             "Duration of one call to a deployment (to first chunk for streams)",
             ["provider"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
         )
-        self.retries = Counter("atajo_upstream_retries", "Retries of the same deployment", ["deployment"], registry=r)
+        self.retries = Counter("atajo_upstream_retries", "Retries of the same deployment", ["deployment"])
         self.fallbacks = Counter(
-            "atajo_upstream_fallbacks",
-            "Moves to the next deployment or fallback model",
-            ["deployment"],
-            registry=r,
+            "atajo_upstream_fallbacks", "Moves to the next deployment or fallback model", ["deployment"]
         )
         self.spend = Counter(
             "atajo_spend_micros",
             "Cost of answers at catalog prices, in millionths of the catalog currency",
             ["gen_ai_request_model"],
-            registry=r,
         )
+        self._own: list[Counter | Histogram | Gauge] = [
+            self.requests, self.request_duration, self.overhead, self.errors, self.in_flight,
+            self.operation_duration, self.token_usage, self.ttft, self.attempts, self.attempt_duration,
+            self.retries, self.fallbacks, self.spend,
+        ]  # fmt: skip
+        self.add_collector(lambda: (m.collect() for m in self._own))
         self._model_names: frozenset[str] = frozenset()
 
     def set_model_names(self, names: Iterable[str]) -> None:

@@ -19,7 +19,7 @@ from atajo.core.requests import ChatRequest, EmbeddingsRequest
 from atajo.core.results import Completion
 from atajo.errors import UnsupportedParameter, UpstreamStreamBroken, UpstreamUnavailable
 from atajo.providers.anthropic_translate import StreamTranslator, from_anthropic, to_anthropic
-from atajo.providers.http import describe, finish, post, read_json, sse_events
+from atajo.providers.http import describe, finish, post, post_json, sse_events
 from atajo.providers.pool import HttpPool
 from atajo.types import JSONObject
 
@@ -51,8 +51,7 @@ class AnthropicProvider:
         translated = to_anthropic(request.body, upstream_model, stream=False)
         url = deployment.base_url + "/messages"
         payload = orjson.dumps(translated.body)
-        async with post(self.pool, deployment, url, payload, self.headers(deployment), streaming=False) as resp:
-            data = await read_json(resp, deployment)
+        data = await post_json(self.pool, deployment, url, payload, self.headers(deployment))
         if not isinstance(data.get("content"), list):
             # Not a message (a wrong base_url, a proxy's own page): better an error than an empty answer.
             raise UpstreamUnavailable(f"{describe(deployment)} answered 200 without a message's content")

@@ -41,6 +41,28 @@ def error_message(raw: bytes) -> tuple[str, str | None]:
     return str(data)[:200], None
 
 
+async def post_json(
+    pool: HttpPool, deployment: Deployment, url: str, payload: bytes, headers: Mapping[str, str]
+) -> JSONObject:
+    """POST and return the 2xx answer's JSON object; any failure comes out as an ``UpstreamError``.
+
+    The plain (non-streaming) call, written without a context-manager generator: it is the hot path.
+    """
+    pool.count_sent(deployment.base_url)
+    try:
+        async with pool.session.post(
+            url, data=payload, headers=headers, timeout=pool.timeout(deployment, False), allow_redirects=False
+        ) as resp:
+            raw = await resp.read()
+            if resp.status >= 300:
+                raise _status_error(resp, raw, deployment)
+    except UpstreamError:
+        raise
+    except Exception as exc:
+        raise _translate(exc, deployment) from None
+    return decode_object(raw, deployment)
+
+
 @asynccontextmanager
 async def post(
     pool: HttpPool,
@@ -51,45 +73,49 @@ async def post(
     *,
     streaming: bool,
 ) -> AsyncIterator[aiohttp.ClientResponse]:
-    """POST and yield a 2xx response; any failure comes out as an ``UpstreamError``.
+    """POST and yield a 2xx response (for streams); any failure comes out as an ``UpstreamError``.
 
     Redirects are not followed: the request goes to the configured URL or nowhere, so an upstream (or
     anything in front of it) cannot send the body and the deployment's credentials to another host.
     """
-    where = describe(deployment)
     pool.count_sent(deployment.base_url)
     try:
         async with pool.session.post(
             url, data=payload, headers=headers, timeout=pool.timeout(deployment, streaming), allow_redirects=False
         ) as resp:
             if resp.status >= 300:
-                message, param = error_message(await resp.read())
-                raise error_for_status(
-                    resp.status,
-                    message,
-                    where=where,
-                    retry_after=resp.headers.get("retry-after"),
-                    param=param,
-                )
+                raise _status_error(resp, await resp.read(), deployment)
             yield resp
     except UpstreamError:
         raise
-    except aiohttp.ClientConnectorError as exc:
-        raise UpstreamConnectError(f"{where}: cannot connect to {exc.host}:{exc.port}") from None
-    except aiohttp.ConnectionTimeoutError:
-        raise UpstreamConnectError(
-            f"{where}: no connection in time (host unreachable or connection pool full)"
-        ) from None
-    except (TimeoutError, aiohttp.ServerTimeoutError):
-        raise UpstreamTimeout(f"{where}: no answer within {deployment.timeout_s:g} s") from None
-    except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError) as exc:
-        raise UpstreamUnavailable(f"{where}: connection dropped ({type(exc).__name__})") from None
-    except aiohttp.ClientError as exc:
-        raise UpstreamUnavailable(f"{where}: {type(exc).__name__}") from None
+    except Exception as exc:
+        raise _translate(exc, deployment) from None
 
 
-async def read_json(resp: aiohttp.ClientResponse, deployment: Deployment) -> JSONObject:
-    raw = await resp.read()
+def _status_error(resp: aiohttp.ClientResponse, raw: bytes, deployment: Deployment) -> UpstreamError:
+    message, param = error_message(raw)
+    return error_for_status(
+        resp.status, message, where=describe(deployment), retry_after=resp.headers.get("retry-after"), param=param
+    )
+
+
+def _translate(exc: Exception, deployment: Deployment) -> Exception:
+    """aiohttp's failures → the error tree; anything else (a bug, a cancellation) is left as it is."""
+    where = describe(deployment)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamConnectError(f"{where}: cannot connect to {exc.host}:{exc.port}")
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return UpstreamConnectError(f"{where}: no connection in time (host unreachable or connection pool full)")
+    if isinstance(exc, (TimeoutError, aiohttp.ServerTimeoutError)):
+        return UpstreamTimeout(f"{where}: no answer within {deployment.timeout_s:g} s")
+    if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError)):
+        return UpstreamUnavailable(f"{where}: connection dropped ({type(exc).__name__})")
+    if isinstance(exc, aiohttp.ClientError):
+        return UpstreamUnavailable(f"{where}: {type(exc).__name__}")
+    return exc
+
+
+def decode_object(raw: bytes, deployment: Deployment) -> JSONObject:
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError:

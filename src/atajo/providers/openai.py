@@ -15,7 +15,7 @@ from atajo.core.deployments import Deployment
 from atajo.core.requests import ChatRequest, EmbeddingsRequest
 from atajo.core.results import Completion, Usage
 from atajo.errors import UpstreamStreamBroken
-from atajo.providers.http import describe, finish, post, read_json, sse_events
+from atajo.providers.http import describe, finish, post, post_json, sse_events
 from atajo.providers.pool import HttpPool
 from atajo.types import JSONObject
 
@@ -49,10 +49,7 @@ class OpenAIProvider:
         body.pop("stream", None)
         body.pop("stream_options", None)
         url = self._url(deployment, "/chat/completions")
-        async with post(
-            self.pool, deployment, url, orjson.dumps(body), self.headers(deployment), streaming=False
-        ) as resp:
-            data = await read_json(resp, deployment)
+        data = await post_json(self.pool, deployment, url, orjson.dumps(body), self.headers(deployment))
         return Completion(data, Usage.from_openai(data.get("usage")))
 
     async def chat_stream(
@@ -80,10 +77,7 @@ class OpenAIProvider:
     async def embeddings(self, request: EmbeddingsRequest, deployment: Deployment, upstream_model: str) -> Completion:
         body = dict(request.body, model=upstream_model)
         url = self._url(deployment, "/embeddings")
-        async with post(
-            self.pool, deployment, url, orjson.dumps(body), self.headers(deployment), streaming=False
-        ) as resp:
-            data = await read_json(resp, deployment)
+        data = await post_json(self.pool, deployment, url, orjson.dumps(body), self.headers(deployment))
         return Completion(data, Usage.from_openai(data.get("usage")))
 
 

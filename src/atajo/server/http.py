@@ -7,9 +7,9 @@ logged with its trace and answered as a plain 500 naming the request id, never w
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections.abc import Awaitable, Callable, Mapping
+from random import getrandbits
 
 from aiohttp import web
 
@@ -41,7 +41,8 @@ ReadyCheck = Callable[[], Awaitable[tuple[bool, str]]]
 
 def request_id(request: web.Request) -> str:
     given = request.headers.get("x-request-id")
-    return given if given and _REQUEST_ID.match(given) else "req_" + os.urandom(12).hex()
+    # Ids need to be unique, not secret: the Mersenne Twister is ~20x cheaper than os.urandom here.
+    return given if given and _REQUEST_ID.match(given) else f"req_{getrandbits(96):024x}"
 
 
 class GatewayServer:
@@ -90,7 +91,7 @@ class GatewayServer:
         self, request: web.Request, route: str, parse: Callable[[JSONObject], Request]
     ) -> web.StreamResponse:
         ctx = RequestContext(request_id=request_id(request), route=route, headers=request.headers)
-        self.metrics.in_flight.inc()
+        self.metrics.in_flight.value += 1
         status, code = 200, ""
         try:
             ctx.principal = await self.authenticate(request.headers)
@@ -109,7 +110,7 @@ class GatewayServer:
             self._record_overhead(ctx)
             return error_response(err, ctx)
         finally:
-            self.metrics.in_flight.dec()
+            self.metrics.in_flight.value -= 1
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.request_duration.labels(route).observe(ctx.elapsed_ns() / 1e9)
             if code:

@@ -8,6 +8,7 @@ parameters keep working without a gateway release.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -17,6 +18,8 @@ from atajo.errors import InvalidRequest, MalformedJSON
 from atajo.types import JSONObject
 
 _MODEL_NAME = re.compile(r"^[!-~]{1,256}$")  # it is echoed in headers: no spaces or control characters
+MAX_TOKENS = 2**31 - 1
+SAFE_INT = 2**53  # integers JSON tools (and JavaScript clients) carry exactly
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 _NUMBER = (int, float)
 
@@ -103,31 +106,13 @@ def parse_chat(body: JSONObject) -> ChatRequest:
         raise InvalidRequest("'messages' must contain at least one message.", param="messages")
     for i, message in enumerate(messages):
         _check_message(i, message)
-    _check_type(body, "stream", bool, "a boolean")
-    stream = bool(body.get("stream"))
+    for key in body:  # only the fields the request has: most requests carry three or four
+        check = _CHAT_FIELDS.get(key)
+        if check is not None and body[key] is not None:
+            check(body, key)
+    stream = body.get("stream") is True
     options = body.get("stream_options")
-    include_usage = False
-    if options is not None:
-        if not isinstance(options, dict):
-            raise _bad("stream_options", "an object", options)
-        _check_type(options, "include_usage", bool, "a boolean")
-        include_usage = bool(options.get("include_usage"))
-    _check_number(body, "temperature", 0, 2)
-    _check_number(body, "top_p", 0, 1)
-    _check_number(body, "presence_penalty", -2, 2)
-    _check_number(body, "frequency_penalty", -2, 2)
-    _check_int(body, "n", 1, 128)
-    _check_int(body, "max_tokens", 1)
-    _check_int(body, "max_completion_tokens", 1)
-    _check_int(body, "seed", -(2**63), 2**63 - 1)
-    _check_int(body, "top_logprobs", 0, 20)
-    _check_type(body, "logprobs", bool, "a boolean")
-    _check_type(body, "user", str, "a string")
-    _check_type(body, "logit_bias", dict, "an object")
-    _check_type(body, "metadata", dict, "an object")
-    _check_stop(body.get("stop"))
-    _check_tools(body)
-    _check_response_format(body.get("response_format"))
+    include_usage = bool(options and options.get("include_usage"))
     return ChatRequest(model=model, body=body, stream=stream, include_usage=include_usage)
 
 
@@ -164,8 +149,9 @@ def _check_message(i: int, message: Any) -> None:
         raise _bad(f"{where}.tool_calls", "an array of objects", tool_calls)
 
 
-def _check_stop(stop: Any) -> None:
-    if stop is None or isinstance(stop, str):
+def _check_stop(body: JSONObject, key: str) -> None:
+    stop = body[key]
+    if isinstance(stop, str):
         return
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise _bad("stop", "a string or an array of strings", stop)
@@ -173,30 +159,32 @@ def _check_stop(stop: Any) -> None:
         raise InvalidRequest("'stop' may hold at most 4 sequences.", param="stop")
 
 
-def _check_tools(body: JSONObject) -> None:
-    tools = body.get("tools")
-    if tools is not None:
-        if not isinstance(tools, list):
-            raise _bad("tools", "an array", tools)
-        for i, tool in enumerate(tools):
-            function = tool.get("function") if isinstance(tool, dict) else None
-            if (
-                not isinstance(function, dict)
-                or not isinstance(function.get("name"), str)
-                or tool.get("type") != "function"
-            ):
-                raise InvalidRequest(
-                    f'Invalid \'tools[{i}]\': expected {{"type": "function", "function": {{"name": ...}}}}.',
-                    param=f"tools[{i}]",
-                )
-    choice = body.get("tool_choice")
-    if choice is not None and not isinstance(choice, (str, dict)):
-        raise _bad("tool_choice", "a string or an object", choice)
+def _check_tools(body: JSONObject, key: str) -> None:
+    tools = body[key]
+    if not isinstance(tools, list):
+        raise _bad("tools", "an array", tools)
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if (
+            not isinstance(function, dict)
+            or not isinstance(function.get("name"), str)
+            or tool.get("type") != "function"
+        ):
+            raise InvalidRequest(
+                f'Invalid \'tools[{i}]\': expected {{"type": "function", "function": {{"name": ...}}}}.',
+                param=f"tools[{i}]",
+            )
 
 
-def _check_response_format(fmt: Any) -> None:
-    if fmt is None:
-        return
+def _check_stream_options(body: JSONObject, key: str) -> None:
+    options = body[key]
+    if not isinstance(options, dict):
+        raise _bad("stream_options", "an object", options)
+    _check_type(options, "include_usage", bool, "a boolean")
+
+
+def _check_response_format(body: JSONObject, key: str) -> None:
+    fmt = body[key]
     if not isinstance(fmt, dict):
         raise _bad("response_format", "an object", fmt)
     if fmt.get("type") not in ("text", "json_object", "json_schema"):
@@ -215,6 +203,44 @@ def _is_token(value: Any) -> bool:
 
 def _tokens(value: list[Any]) -> list[Any]:
     return [_tokens(v) if isinstance(v, list) else int(v) for v in value]
+
+
+def _number(low: float, high: float) -> Check:
+    return lambda body, key: _check_number(body, key, low, high)
+
+
+def _integer(low: int, high: int | None = None) -> Check:
+    return lambda body, key: _check_int(body, key, low, high)
+
+
+def _typed(kind: type | tuple[type, ...], expected: str) -> Check:
+    return lambda body, key: _check_type(body, key, kind, expected)
+
+
+Check = Callable[[JSONObject, str], None]
+
+# Optional chat fields the gateway checks; any other field passes through to the provider untouched.
+_CHAT_FIELDS: dict[str, Check] = {
+    "stream": _typed(bool, "a boolean"),
+    "stream_options": _check_stream_options,
+    "temperature": _number(0, 2),
+    "top_p": _number(0, 1),
+    "presence_penalty": _number(-2, 2),
+    "frequency_penalty": _number(-2, 2),
+    "n": _integer(1, 128),
+    "max_tokens": _integer(1, MAX_TOKENS),
+    "max_completion_tokens": _integer(1, MAX_TOKENS),
+    "seed": _integer(-SAFE_INT, SAFE_INT),
+    "top_logprobs": _integer(0, 20),
+    "logprobs": _typed(bool, "a boolean"),
+    "user": _typed(str, "a string"),
+    "logit_bias": _typed(dict, "an object"),
+    "metadata": _typed(dict, "an object"),
+    "stop": _check_stop,
+    "tools": _check_tools,
+    "tool_choice": _typed((str, dict), "a string or an object"),
+    "response_format": _check_response_format,
+}
 
 
 def parse_embeddings(body: JSONObject) -> EmbeddingsRequest:

@@ -54,7 +54,9 @@ def error_response(err: AtajoError, ctx: RequestContext) -> web.Response:
 
 def json_response(body: JSONObject, ctx: RequestContext, status: int = 200) -> web.Response:
     payload = orjson.dumps(body)  # before the headers, so the overhead figure includes encoding
-    return web.Response(body=payload, status=status, content_type=JSON_TYPE, headers=atajo_headers(ctx))
+    headers = atajo_headers(ctx)
+    headers["content-type"] = JSON_TYPE  # as a header, not content_type=: aiohttp would parse and rebuild it
+    return web.Response(body=payload, status=status, headers=headers)
 
 
 def sse_event(chunk: JSONObject) -> bytes:

@@ -37,7 +37,7 @@ class ObserveStage:
             self._operation(request, ctx, "")
             self._tokens(request, ctx, result.usage)
             if ctx.cost_micros is not None:
-                ctx.extra_headers["x-atajo-cost-micros"] = str(ctx.cost_micros)
+                ctx.extra_headers = {**(ctx.extra_headers or {}), "x-atajo-cost-micros": str(ctx.cost_micros)}
             return result
         result.chunks = self._watch(request, ctx, result, result.chunks)
         return result

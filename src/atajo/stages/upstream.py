@@ -114,7 +114,11 @@ class UpstreamStage:
             started = time.perf_counter_ns()
             verdict = False
             try:
-                result = await self._call(provider, request, deployment, upstream_model, breaker, ctx)
+                if isinstance(request, ChatRequest) and not request.stream:  # the common case, one frame less
+                    result: Result = await provider.chat(request, deployment, upstream_model)
+                    breaker.success()
+                else:
+                    result = await self._call(provider, request, deployment, upstream_model, breaker, ctx)
                 verdict = True
             except InvalidRequest as err:
                 # The adapter cannot express this request (Anthropic with n > 1, say): another deployment may.
@@ -169,10 +173,6 @@ class UpstreamStage:
         ctx: RequestContext,
     ) -> Result:
         if isinstance(request, ChatRequest):
-            if not request.stream:
-                result: Result = await provider.chat(request, deployment, upstream_model)
-                breaker.success()
-                return result
             chunks = provider.chat_stream(request, deployment, upstream_model)
             try:
                 first = await anext(chunks)
