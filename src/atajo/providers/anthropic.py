@@ -19,7 +19,7 @@ from atajo.core.requests import ChatRequest, EmbeddingsRequest
 from atajo.core.results import Completion
 from atajo.errors import UnsupportedParameter, UpstreamStreamBroken, UpstreamUnavailable
 from atajo.providers.anthropic_translate import StreamTranslator, from_anthropic, to_anthropic
-from atajo.providers.http import describe, finish, post, post_json, sse_events
+from atajo.providers.http import deployment_headers, describe, finish, post, post_json, sse_events
 from atajo.providers.pool import HttpPool
 from atajo.types import JSONObject
 
@@ -37,14 +37,7 @@ class AnthropicProvider:
         headers = self._headers.get(deployment.id)
         if headers is None:
             version = deployment.api_version or DEFAULT_VERSION
-            headers = {"content-type": "application/json", "anthropic-version": version}
-            if deployment.api_key:
-                if deployment.auth_header == "authorization":  # e.g. a proxy in front of Anthropic
-                    headers["authorization"] = f"Bearer {deployment.api_key}"
-                else:
-                    headers[deployment.auth_header] = deployment.api_key
-            headers.update(deployment.headers)
-            self._headers[deployment.id] = headers
+            headers = self._headers[deployment.id] = deployment_headers(deployment, **{"anthropic-version": version})
         return headers
 
     async def chat(self, request: ChatRequest, deployment: Deployment, upstream_model: str) -> Completion:

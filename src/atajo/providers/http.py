@@ -26,6 +26,18 @@ def describe(deployment: Deployment) -> str:
     return f"deployment {deployment.id}"
 
 
+def deployment_headers(deployment: Deployment, **fixed: str) -> dict[str, str]:
+    """Headers for every call to a deployment: JSON, its credentials in its auth header, its own extras."""
+    headers = {"content-type": "application/json", **fixed}
+    if deployment.api_key:
+        if deployment.auth_header == "authorization":
+            headers["authorization"] = f"Bearer {deployment.api_key}"
+        else:
+            headers[deployment.auth_header] = deployment.api_key
+    headers.update(deployment.headers)
+    return headers
+
+
 def error_message(raw: bytes) -> tuple[str, str | None]:
     """The provider's error message and param from an OpenAI- or Anthropic-shaped error body."""
     try:

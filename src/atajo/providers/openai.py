@@ -15,7 +15,7 @@ from atajo.core.deployments import Deployment
 from atajo.core.requests import ChatRequest, EmbeddingsRequest
 from atajo.core.results import Completion, Usage
 from atajo.errors import UpstreamStreamBroken
-from atajo.providers.http import describe, finish, post, post_json, sse_events
+from atajo.providers.http import deployment_headers, describe, finish, post, post_json, sse_events
 from atajo.providers.pool import HttpPool
 from atajo.types import JSONObject
 
@@ -34,14 +34,7 @@ class OpenAIProvider:
     def headers(self, deployment: Deployment) -> dict[str, str]:
         headers = self._headers.get(deployment.id)
         if headers is None:
-            headers = {"content-type": "application/json"}
-            if deployment.api_key:
-                if deployment.auth_header == "authorization":
-                    headers["authorization"] = f"Bearer {deployment.api_key}"
-                else:
-                    headers[deployment.auth_header] = deployment.api_key
-            headers.update(deployment.headers)
-            self._headers[deployment.id] = headers
+            headers = self._headers[deployment.id] = deployment_headers(deployment)
         return headers
 
     async def chat(self, request: ChatRequest, deployment: Deployment, upstream_model: str) -> Completion:
