@@ -193,6 +193,7 @@ async def test_operations_endpoints(gateway: GatewayFactory, http: aiohttp.Clien
     async with http.get(gw.url + "/health") as resp:
         assert resp.status == 200
         assert (await resp.json())["status"] == "ok"
+        assert resp.headers["x-request-id"]
     async with http.get(gw.url + "/ready") as resp:
         assert resp.status == 200
         assert (await resp.json())["status"] == "ready"
@@ -233,3 +234,16 @@ async def test_unexpected_exception_is_a_plain_500(http: aiohttp.ClientSession) 
             err = assert_openai_error(await resp.json())
     assert "r1" in err["message"]
     assert "secret-internal-detail" not in err["message"]
+
+
+async def test_ready_is_503_while_not_accepting(gateway: GatewayFactory, http: aiohttp.ClientSession) -> None:
+    from atajo.app import SERVICES
+
+    gw = gateway()
+    gw.app[SERVICES].server.accepting = False  # as during shutdown
+    async with http.get(gw.url + "/ready") as resp:
+        assert resp.status == 503
+        body = await resp.json()
+    assert body["status"] == "unavailable"
+    assert body["checks"] == {"server": "starting or stopping"}
+    assert body["error"]["type"] == "service_unavailable"

@@ -23,6 +23,11 @@ class LiveServer:
         self.port = 0
 
     @property
+    def app(self) -> web.Application:
+        assert isinstance(self._app, web.Application), "started from a factory"
+        return self._app
+
+    @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 

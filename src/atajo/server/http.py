@@ -12,6 +12,7 @@ import re
 from collections.abc import Awaitable, Callable, Mapping
 from random import getrandbits
 
+import orjson
 from aiohttp import web
 
 from atajo.core.context import Principal, RequestContext
@@ -177,8 +178,13 @@ class GatewayServer:
 
     # --- operations -------------------------------------------------------------------------------
 
+    def _plain(self, request: web.Request, body: bytes, content_type: str, status: int = 200) -> web.Response:
+        """Operations answers carry a request id too, so every response can be traced."""
+        headers = {"content-type": content_type, "x-request-id": self.request_id(request)}
+        return web.Response(body=body, status=status, headers=headers)
+
     async def health(self, request: web.Request) -> web.Response:
-        return web.Response(body=b'{"status":"ok"}', content_type=JSON_TYPE)
+        return self._plain(request, b'{"status":"ok"}', JSON_TYPE)
 
     async def ready(self, request: web.Request) -> web.Response:
         checks: dict[str, str] = {}
@@ -189,23 +195,19 @@ class GatewayServer:
             passed, detail = await check()
             checks[name] = detail
             ok = ok and passed
-        body = {"status": "ready" if ok else "unavailable", "checks": checks}
+        body: JSONObject = {"status": "ready" if ok else "unavailable", "checks": checks}
         if not ok:
             err = ServiceUnavailable("not ready: " + "; ".join(f"{k}: {v}" for k, v in checks.items()))
-            return web.json_response({**body, "error": _error_dict(err)}, status=503)
-        return web.json_response(body)
+            body["error"] = _error_dict(err)
+        return self._plain(request, orjson.dumps(body), JSON_TYPE, 200 if ok else 503)
 
     async def prometheus(self, request: web.Request) -> web.Response:
-        resp = web.Response(body=self.metrics.render())
-        resp.headers["content-type"] = "text/plain; version=0.0.4; charset=utf-8"
-        return resp
+        return self._plain(request, self.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
 
     async def openapi(self, request: web.Request) -> web.Response:
         if self._openapi is None:
-            import orjson
-
             self._openapi = orjson.dumps(openapi_document())
-        return web.Response(body=self._openapi, content_type=JSON_TYPE)
+        return self._plain(request, self._openapi, JSON_TYPE)
 
 
 def _model_object(name: str) -> JSONObject:
