@@ -149,3 +149,21 @@ def test_unpriced_model_has_no_cost_header(gateway: GatewayFactory, openai_upstr
         model="fast", messages=[{"role": "user", "content": "x"}]
     )
     assert "x-atajo-cost-micros" not in raw.headers
+
+
+def test_no_config_with_openai_key_proxies_any_model_name(openai_upstream: Upstream) -> None:
+    from atajo.app import build_app
+    from atajo.settings import load_settings
+
+    upstream, up = openai_upstream
+    settings = load_settings(None, env={"OPENAI_API_KEY": "sk-from-env", "OPENAI_BASE_URL": up.url + "/v1"})
+    with LiveServer(build_app(settings)) as gw:
+        raw = client(gw).chat.completions.with_raw_response.create(
+            model="any-model-the-upstream-knows", messages=[{"role": "user", "content": "hi"}]
+        )
+    assert raw.parse().choices[0].message.content == upstream.reply
+    sent = upstream.received[-1]
+    assert sent.body["model"] == "any-model-the-upstream-knows"
+    assert sent.headers["Authorization"] == "Bearer sk-from-env"
+    assert raw.headers["x-atajo-model"] == "any-model-the-upstream-knows"
+    assert "x-atajo-simulated" not in raw.headers
