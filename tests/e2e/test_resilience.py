@@ -20,51 +20,16 @@ from typing import Any
 
 import openai
 import pytest
-from aiohttp import web
 from openai.types.chat import ChatCompletionChunk
 from prometheus_client.parser import text_string_to_metric_families
 
 from atajo.app import SERVICES, Services, build_app
 from atajo.settings import Settings
+from tests.doubles import FakeClock, RecordingSleep
 from tests.upstreams.live import LiveServer
-from tests.upstreams.openai_server import Fault, OpenAIUpstream
+from tests.upstreams.openai_server import CountingUpstream, Fault
 
 HI: Any = [{"role": "user", "content": "hi"}]
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 10_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-class RecordingSleep:
-    def __init__(self) -> None:
-        self.delays: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.delays.append(seconds)
-
-
-@dataclass
-class CountingUpstream(OpenAIUpstream):
-    """Also counts the requests being answered at once, and the most there ever were."""
-
-    in_flight: int = 0
-    peak: int = 0
-
-    async def chat(self, request: web.Request) -> web.StreamResponse:
-        self.in_flight += 1
-        self.peak = max(self.peak, self.in_flight)
-        try:
-            return await super().chat(request)
-        finally:
-            self.in_flight -= 1
 
 
 @dataclass

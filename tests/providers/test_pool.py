@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from aiohttp import web
 
 from atajo.core.deployments import Deployment
 from atajo.core.requests import ChatRequest
@@ -18,23 +16,7 @@ from atajo.providers.openai import OpenAIProvider
 from atajo.providers.pool import HttpPool
 from atajo.settings import DeploymentSettings, PoolSettings
 from tests.upstreams.live import LiveServer
-from tests.upstreams.openai_server import Fault, OpenAIUpstream
-
-
-@dataclass
-class CountingUpstream(OpenAIUpstream):
-    """Also counts the requests being answered at once, and the most there ever were."""
-
-    in_flight: int = 0
-    peak: int = 0
-
-    async def chat(self, request: web.Request) -> web.StreamResponse:
-        self.in_flight += 1
-        self.peak = max(self.peak, self.in_flight)
-        try:
-            return await super().chat(request)
-        finally:
-            self.in_flight -= 1
+from tests.upstreams.openai_server import CountingUpstream, Fault
 
 
 @pytest.fixture

@@ -34,6 +34,7 @@ from atajo.stages.upstream import UpstreamStage, hurts_health
 from atajo.types import JSONObject
 
 # --- a scripted provider ------------------------------------------------------------------------------
+from tests.doubles import FakeClock, RecordingSleep
 
 
 @dataclass
@@ -102,25 +103,6 @@ class ScriptedProvider:
     async def embeddings(self, request: EmbeddingsRequest, deployment: Deployment, upstream_model: str) -> Completion:
         await self._step(deployment)
         return Completion({"object": "list", "data": [], "model": upstream_model})
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 500.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-class RecordingSleep:
-    def __init__(self) -> None:
-        self.delays: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.delays.append(seconds)
 
 
 @dataclass

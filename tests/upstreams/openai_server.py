@@ -186,3 +186,19 @@ class OpenAIUpstream:
                 "usage": {"prompt_tokens": 3 * len(inputs), "total_tokens": 3 * len(inputs)},
             }
         )
+
+
+@dataclass
+class CountingUpstream(OpenAIUpstream):
+    """Also counts the chat requests being answered at once, and the most there ever were."""
+
+    in_flight: int = 0
+    peak: int = 0
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            return await super().chat(request)
+        finally:
+            self.in_flight -= 1
