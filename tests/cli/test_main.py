@@ -54,29 +54,85 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_serve_starts_on_the_simulated_provider_and_says_so(tmp_path: Path) -> None:
+def _serve(*args: str) -> tuple[subprocess.Popen[str], int]:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "ATAJO_CONFIG", "ATAJO_MASTER_KEY")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "atajo", "serve", "--port", str(port)],
+        [sys.executable, "-m", "atajo", "serve", "--port", str(port), *args],
         stderr=subprocess.PIPE,
         text=True,
         env=env,
     )
-    try:
-        deadline = time.monotonic() + 20
-        while True:
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1) as resp:
+                assert resp.status == 200
+                return proc, port
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError(f"atajo serve never became ready: {proc.communicate()[1]}") from None
+            time.sleep(0.05)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1) as resp:
-                    assert resp.status == 200
-                    break
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
             except OSError:
-                assert proc.poll() is None, "atajo serve exited early"
-                assert time.monotonic() < deadline, "atajo serve never became ready"
-                time.sleep(0.05)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=15)
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_serve_starts_on_the_simulated_provider_and_says_so() -> None:
+    proc, port = _serve()
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=15)
     assert "SIMULATED" in stderr
     assert f"http://127.0.0.1:{port}/v1" in stderr
     assert proc.returncode == 0
+
+
+def test_workers_share_the_port_and_stop_with_the_parent() -> None:
+    proc, port = _serve("--workers", "2")
+    try:
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+        body = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}'
+        for _ in range(4):
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/chat/completions", data=body, headers={"content-type": "application/json"}
+            )
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                assert resp.status == 200
+                assert resp.headers["x-atajo-simulated"] == "true"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=20)
+    assert proc.returncode == 0
+    assert stderr.count("serving the OpenAI API") == 2
+    assert all(_gone(pid) for pid in workers)  # no orphans left serving the port
+
+
+def test_a_dying_worker_stops_the_rest() -> None:
+    proc, _ = _serve("--workers", "2")
+    workers = _children(proc.pid)
+    os.kill(workers[0], signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=20)
+    assert proc.returncode == 1
+    assert f"worker {workers[0]} exited" in stderr
+    assert _gone(workers[1])

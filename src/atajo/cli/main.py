@@ -6,9 +6,12 @@ import asyncio
 import gc
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
+import signal
 import socket
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import click
@@ -80,12 +83,33 @@ def serve(
     ]
     for proc in procs:
         proc.start()
-    try:
+    sys.exit(_supervise(procs))
+
+
+def _supervise(procs: Sequence[multiprocessing.process.BaseProcess]) -> int:
+    """Wait on the workers. SIGTERM / SIGINT are passed on to them (each drains its requests); a worker that
+    dies on its own stops the rest, so the process manager above (systemd, Kubernetes) restarts the whole."""
+    stopping = False
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
         for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    sentinels = {proc.sentinel: proc for proc in procs}
+    while sentinels:
+        for ready in multiprocessing.connection.wait(list(sentinels)):
+            proc = sentinels.pop(ready)  # type: ignore[arg-type]  # wait() returns the sentinels it was given
             proc.join()
-    except KeyboardInterrupt:
-        for proc in procs:
-            proc.terminate()
+            if not stopping:
+                log.error("worker %s exited with code %s; stopping the others", proc.pid, proc.exitcode)
+                stop(signal.SIGTERM, None)
+                return 1
+    return 0
 
 
 def _run_worker(settings: Settings, sock: socket.socket | None) -> None:
