@@ -18,6 +18,7 @@
     │   ├── UpstreamStreamBroken    502, the stream ended early (after the first chunk: not retryable)
     │   └── CircuitOpen             503, the deployment is known to be down; tried in microseconds
     ├── AllAttemptsFailed           every deployment failed; status of the most telling error, errors listed
+    ├── ClientClosed                (499, counted only: the client left mid-stream)
     ├── ServiceUnavailable          503
     └── ConfigError                 not an HTTP error: a bad config file, names the setting (exit code 2)
 
@@ -165,6 +166,14 @@ def _most_telling(errors: Sequence[tuple[str, AtajoError]]) -> AtajoError:
         if not isinstance(err, CircuitOpen):
             return err
     return errors[-1][1]
+
+
+class ClientClosed(AtajoError):
+    """The client went away before the answer was complete; only ever counted, never sent."""
+
+    status = 499
+    type = "client_closed"
+    code = "client_closed"
 
 
 class ServiceUnavailable(AtajoError):

@@ -711,3 +711,23 @@ def test_open_circuit_answers_503_with_retry_after(gateway: GatewayFactory, upst
     err = gw.fails()
     assert err.status_code == 503
     assert err.response.headers["retry-after"] == "20"  # the cooldown left, rounded up
+
+
+def test_client_leaving_mid_stream_is_counted_and_the_upstream_released(
+    gateway: GatewayFactory, upstream: UpstreamFactory
+) -> None:
+    fake, up = upstream()
+    fake.reply = " ".join(f"word{i}" for i in range(40))
+    fake.always = Fault(chunk_delay_s=0.5)  # 20 s to send it all: far past the deadlines below
+    gw = gateway({"models": {"m": one(up.url)}})
+    stream = gw.client.chat.completions.create(model="m", messages=HI, stream=True)
+    first = next(iter(stream))
+    assert first.choices
+    stream.close()  # the client goes away after the first chunk
+    deadline = time.monotonic() + 8
+    while gw.metric("atajo_errors_total", route="chat", code="client_closed") < 1:
+        assert time.monotonic() < deadline, "the gateway never noticed the client leaving"
+        time.sleep(0.02)
+    while fake.in_flight:  # the gateway drops the upstream stream instead of draining all 40 chunks
+        assert time.monotonic() < deadline, "the upstream stream was never released"
+        time.sleep(0.02)

@@ -11,7 +11,7 @@ import orjson
 from aiohttp import web
 
 from atajo.core.context import RequestContext
-from atajo.errors import AtajoError
+from atajo.errors import AtajoError, ClientClosed
 from atajo.types import JSONObject
 
 log = logging.getLogger("atajo.server")
@@ -96,6 +96,7 @@ async def stream_response(
         await resp.write_eof()
     except ConnectionResetError:
         log.debug("client of %s went away mid-stream", ctx.request_id)
+        failure = ClientClosed("the client closed the connection mid-stream")
     finally:
         await chunks.aclose()
     return resp, failure
