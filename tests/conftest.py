@@ -10,7 +10,7 @@ import pytest
 
 from atajo.app import build_app
 from atajo.settings import Settings, default_models
-from tests.upstreams.live import LiveServer
+from tests.upstreams.live import LiveServer, free_port
 from tests.upstreams.openai_server import OpenAIUpstream
 
 IN_CI = os.environ.get("CI") == "true"
@@ -20,6 +20,12 @@ GatewayFactory = Callable[..., LiveServer]
 
 async def _no_sleep(_: float) -> None:
     return None
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A local port with nothing listening: connecting to it is refused at once."""
+    return free_port()
 
 
 @pytest.fixture

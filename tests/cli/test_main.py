@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from click.testing import CliRunner
 
 from atajo import __version__
 from atajo.cli.main import cli
+from tests.upstreams.live import free_port
 
 
 def test_version() -> None:
@@ -48,14 +48,8 @@ def test_config_check_names_the_bad_setting(tmp_path: Path) -> None:
     assert "Traceback" not in result.output
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _serve(*args: str) -> tuple[subprocess.Popen[str], int]:
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "ATAJO_CONFIG", "ATAJO_MASTER_KEY")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "atajo", "serve", "--port", str(port), *args],

@@ -10,7 +10,6 @@ breakers a fake clock. Upstream delays are real but short, and no assertion is a
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
@@ -102,15 +101,6 @@ def upstream() -> Iterator[UpstreamFactory]:
     yield start
     for server in started:
         server.stop()
-
-
-@pytest.fixture
-def closed_port() -> int:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port: int = sock.getsockname()[1]
-    sock.close()
-    return port
 
 
 def dep(url: str, **extra: Any) -> dict[str, Any]:

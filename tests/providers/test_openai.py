@@ -4,7 +4,6 @@ way an upstream can fail comes out as the gateway's own errors."""
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -74,15 +73,6 @@ async def until_error(chunks: AsyncIterator[JSONObject]) -> tuple[list[JSONObjec
 
 def text_of(chunks: list[JSONObject]) -> str:
     return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
-
-
-@pytest.fixture
-def closed_port() -> int:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port: int = sock.getsockname()[1]
-    sock.close()
-    return port
 
 
 # --- what goes out ------------------------------------------------------------------------------------

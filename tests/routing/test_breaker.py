@@ -6,17 +6,7 @@ import pytest
 
 from atajo.routing.breaker import Breaker, BreakerBoard, State
 from atajo.settings import BreakerSettings
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.doubles import FakeClock
 
 
 def state(breaker: Breaker) -> State:

@@ -21,6 +21,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from tests.upstreams.script import FaultScript
+
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -98,7 +100,8 @@ def error_response(
 
 
 @dataclass
-class AnthropicUpstream:
+class AnthropicUpstream(FaultScript[Fault]):
+    fault_type = Fault
     reply: str = "Hello from the fake Anthropic upstream."
     tool_input: dict[str, Any] = field(default_factory=lambda: {"city": "Lima"})
     cache_read_tokens: int = 0
@@ -106,14 +109,6 @@ class AnthropicUpstream:
     faults: deque[Fault] = field(default_factory=deque)
     always: Fault | None = None
     received: list[Received] = field(default_factory=list)
-
-    def fail_next(self, *faults: Fault) -> None:
-        self.faults.extend(faults)
-
-    def _fault(self) -> Fault:
-        if self.faults:
-            return self.faults.popleft()
-        return self.always or Fault()
 
     def app(self) -> web.Application:
         app = web.Application()

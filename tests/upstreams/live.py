@@ -14,6 +14,13 @@ from aiohttp import web
 T = TypeVar("T")
 
 
+def free_port() -> int:
+    """A port nothing listens on right now (bound and released), for servers to start on or to find closed."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 class LiveServer:
     def __init__(self, app: web.Application | Callable[[], Awaitable[web.Application]]) -> None:
         self._app = app

@@ -13,6 +13,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from tests.upstreams.script import FaultScript
+
 
 @dataclass
 class Fault:
@@ -38,20 +40,13 @@ class Received:
 
 
 @dataclass
-class OpenAIUpstream:
+class OpenAIUpstream(FaultScript[Fault]):
+    fault_type = Fault
     reply: str = "Hello from the fake upstream."
     faults: deque[Fault] = field(default_factory=deque)
     always: Fault | None = None
     received: list[Received] = field(default_factory=list)
     connections: int = 0
-
-    def fail_next(self, *faults: Fault) -> None:
-        self.faults.extend(faults)
-
-    def _fault(self) -> Fault:
-        if self.faults:
-            return self.faults.popleft()
-        return self.always or Fault()
 
     def app(self) -> web.Application:
         app = web.Application()

@@ -7,8 +7,8 @@ Labels never carry secrets or client-chosen strings: unknown model names are rep
 
 Recording is done by the small lock-free types below rather than prometheus-client's own: every metric is
 touched only from its process's event loop, so the locks and per-call label resolution of the library's
-types were pure cost on the hot path (40 % of the gateway's own instructions per request, measured with
-callgrind; see docs/benchmarks.md). prometheus-client still does the exposition, from a collector.
+types were pure cost on the hot path (the hot-path work is measured in docs/benchmarks.md).
+prometheus-client still does the exposition, from a collector.
 """
 
 from __future__ import annotations

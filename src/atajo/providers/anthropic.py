@@ -19,7 +19,7 @@ from atajo.core.requests import ChatRequest, EmbeddingsRequest
 from atajo.core.results import Completion
 from atajo.errors import UnsupportedParameter, UpstreamStreamBroken, UpstreamUnavailable
 from atajo.providers.anthropic_translate import StreamTranslator, from_anthropic, to_anthropic
-from atajo.providers.http import deployment_headers, describe, finish, post, post_json, sse_events
+from atajo.providers.http import decode_object, deployment_headers, describe, finish, post, post_json, sse_events
 from atajo.providers.pool import HttpPool
 from atajo.types import JSONObject
 
@@ -65,7 +65,9 @@ class AnthropicProvider:
         async with post(self.pool, deployment, url, payload, self.headers(deployment), streaming=True) as resp:
             async with aclosing(sse_events(resp, deployment)) as events:
                 async for event, data in events:
-                    for chunk in translator.feed(event, _decode_event(data, where)):
+                    for chunk in translator.feed(
+                        event, decode_object(data, deployment, "a stream event", UpstreamStreamBroken)
+                    ):
                         yield chunk
                     if translator.done:
                         break
@@ -79,13 +81,3 @@ class AnthropicProvider:
             "use a model served by an OpenAI-compatible provider for embeddings.",
             param="model",
         )
-
-
-def _decode_event(data: bytes, where: str) -> JSONObject:
-    try:
-        event = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        raise UpstreamStreamBroken(f"{where} sent a stream event that is not JSON") from None
-    if not isinstance(event, dict):
-        raise UpstreamStreamBroken(f"{where} sent a stream event that is not a JSON object")
-    return event

@@ -127,13 +127,16 @@ def _translate(exc: Exception, deployment: Deployment) -> Exception:
     return exc
 
 
-def decode_object(raw: bytes, deployment: Deployment) -> JSONObject:
+def decode_object(
+    raw: bytes, deployment: Deployment, what: str = "an answer", error: type[UpstreamError] = UpstreamUnavailable
+) -> JSONObject:
+    """A provider's JSON object: a whole answer, or one stream event (``error=UpstreamStreamBroken``)."""
     try:
         data = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise UpstreamUnavailable(f"{describe(deployment)} answered with invalid JSON") from None
+    except orjson.JSONDecodeError as exc:
+        raise error(f"{describe(deployment)} sent {what} that is not JSON (invalid JSON at {exc.pos})") from None
     if not isinstance(data, dict):
-        raise UpstreamUnavailable(f"{describe(deployment)} answered with a JSON {type(data).__name__}")
+        raise error(f"{describe(deployment)} sent {what} that is a JSON {type(data).__name__}, not an object")
     return data
 
 

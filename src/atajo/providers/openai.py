@@ -15,7 +15,7 @@ from atajo.core.deployments import Deployment
 from atajo.core.requests import ChatRequest, EmbeddingsRequest
 from atajo.core.results import Completion, Usage
 from atajo.errors import UpstreamStreamBroken
-from atajo.providers.http import deployment_headers, describe, finish, post, post_json, sse_events
+from atajo.providers.http import decode_object, deployment_headers, describe, finish, post, post_json, sse_events
 from atajo.providers.pool import HttpPool
 from atajo.types import JSONObject
 
@@ -60,9 +60,7 @@ class OpenAIProvider:
                     if data == b"[DONE]":
                         done = True
                         break
-                    chunk = _decode_chunk(data, deployment)
-                    if chunk is not None:
-                        yield chunk
+                    yield _decode_chunk(data, deployment)
             if not done:
                 raise UpstreamStreamBroken(f"{describe(deployment)} ended the stream before [DONE]")
             await finish(resp)  # so the connection is reused
@@ -74,13 +72,8 @@ class OpenAIProvider:
         return Completion(data, Usage.from_openai(data.get("usage")))
 
 
-def _decode_chunk(data: bytes, deployment: Deployment) -> JSONObject | None:
-    try:
-        chunk = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        raise UpstreamStreamBroken(f"{describe(deployment)} sent a chunk that is not JSON") from None
-    if not isinstance(chunk, dict):
-        return None
+def _decode_chunk(data: bytes, deployment: Deployment) -> JSONObject:
+    chunk = decode_object(data, deployment, "a stream chunk", UpstreamStreamBroken)
     if "error" in chunk:
         err = chunk["error"]
         message = err.get("message") if isinstance(err, dict) else str(err)
