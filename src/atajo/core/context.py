@@ -32,6 +32,12 @@ class RequestContext:
     deployment: str | None = None
     attempts: int = 0
     cache_status: str = "miss"
+    """miss, hit-<tier>, stale or bypass: told to the client in ``x-atajo-cache``."""
+    cache_key: str | None = None
+    """Set by the cache stage; single-flight groups requests by it."""
+    cache_age_s: float | None = None
+    coalesced: bool = False
+    """This request shared another one's upstream call (so it is neither priced nor stored again)."""
     simulated: bool = False
     cost_micros: int | None = None
     """What the answer cost at catalog prices, in millionths of the catalog's currency, when known."""
