@@ -254,6 +254,8 @@ def gateway_config(path: Path, upstream_port: int) -> Path:
         "log_level: warning\n"
         "server:\n"
         "  access_log: false\n"
+        "cache:\n"
+        "  enabled: false  # these figures are the proxy path; benchmarks/cache.py measures the cache\n"
         "models:\n"
         f"  {MODEL}:\n"
         "    deployments:\n"

@@ -40,14 +40,17 @@ def gateway() -> Iterator[GatewayFactory]:
     """Start gateways from config dicts: ``gateway({"models": {...}})``; all stopped at teardown.
 
     Back-off sleeps are skipped (``instant_backoff=True`` by default) so retry tests do not wait on time.
+    The cache is off unless the config has a ``cache`` section: tests that count upstream calls stay exact.
     """
     started: list[LiveServer] = []
 
-    def start(config: dict[str, Any] | None = None, *, instant_backoff: bool = True) -> LiveServer:
+    def start(config: dict[str, Any] | None = None, *, instant_backoff: bool = True, **app_kwargs: Any) -> LiveServer:
         config = dict(config or {})
         config.setdefault("models", default_models({}))  # as with no config and no provider key: simulated
+        config.setdefault("cache", {"enabled": False})
         settings = Settings.model_validate(config)
         kwargs: dict[str, Any] = {"sleep": _no_sleep} if instant_backoff else {}
+        kwargs.update(app_kwargs)
         server = LiveServer(build_app(settings, **kwargs)).start()
         started.append(server)
         return server

@@ -2,7 +2,7 @@
 
 The pipeline's order is declared here, once:
 
-    observe → upstream          (guard, ratelimit, cache, coalesce and route join as they land)
+    observe → cache → coalesce → upstream          (guard, ratelimit and route join as they land)
 
 Authentication runs before the pipeline, at the HTTP edge (see ``atajo.auth``).
 """
@@ -12,25 +12,32 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 
 from aiohttp import web
 from prometheus_client.core import Metric
 
 from atajo.auth.keys import KeyRing
+from atajo.cache.service import CacheService
+from atajo.coalesce.singleflight import SingleFlight
 from atajo.core.catalog import Catalog
 from atajo.core.deployments import Deployment
-from atajo.core.pipeline import build_pipeline
+from atajo.core.pipeline import Stage, build_pipeline
 from atajo.observe.metrics import GatewayMetrics, counter_family, gauge_family
 from atajo.providers.base import Provider
 from atajo.providers.pool import HttpPool
 from atajo.routing.breaker import BreakerBoard
 from atajo.routing.retry import RetryPolicy
 from atajo.routing.table import ModelTable
+from atajo.server.cache_admin import CacheAdmin
 from atajo.server.http import GatewayServer, errors_middleware
 from atajo.settings import Settings
+from atajo.stages.cache import CacheStage
+from atajo.stages.coalesce import CoalesceStage, SharedOutcome
 from atajo.stages.observe import ObserveStage
 from atajo.stages.upstream import Sleep, UpstreamStage
 
@@ -54,6 +61,7 @@ class Services:
     keys: KeyRing
     catalog: Catalog
     server: GatewayServer
+    cache: CacheService | None
 
 
 def build_table(settings: Settings) -> ModelTable:
@@ -75,9 +83,14 @@ def build_providers(names: Iterable[str], pool: HttpPool, catalog: Catalog, slee
 
 
 def build_services(
-    settings: Settings, *, sleep: Sleep = asyncio.sleep, clock: Callable[[], float] = time.monotonic
+    settings: Settings,
+    *,
+    sleep: Sleep = asyncio.sleep,
+    clock: Callable[[], float] = time.monotonic,
+    wall_clock: Callable[[], float] = time.time,
 ) -> Services:
-    """Every service the app needs. ``sleep`` and ``clock`` are injectable so tests never wait on real time."""
+    """Every service the app needs. ``sleep`` and the clocks are injectable so tests never wait on real time
+    (``clock`` is monotonic, for breakers; ``wall_clock`` dates cache entries)."""
     metrics = GatewayMetrics()
     catalog = Catalog.bundled()
     pool = HttpPool(settings.pool)
@@ -87,7 +100,16 @@ def build_services(
     keys = KeyRing(settings.auth)
     providers = build_providers((d.provider for d in table.all_deployments()), pool, catalog, sleep)
     upstream = UpstreamStage(table, providers, breakers, RetryPolicy.from_settings(settings.retry), metrics, sleep)
-    pipeline = build_pipeline([ObserveStage(metrics, catalog)], upstream)
+    stages: list[Stage] = [ObserveStage(metrics, catalog)]
+    cache: CacheService | None = None
+    if settings.cache.enabled:
+        cache = CacheService(settings.cache, clock=wall_clock, monotonic=clock, observer=metrics.cache)
+        key_policies = {key.name: key.cache for key in settings.auth.keys}
+        stages.append(CacheStage(cache, settings.cache, key_policies, catalog, metrics))
+    # Single-flight groups requests by the cache key, so it joins when the cache is on.
+    flight: SingleFlight[SharedOutcome] = SingleFlight()
+    stages.append(CoalesceStage(flight))
+    pipeline = build_pipeline(stages, upstream)
     server = GatewayServer(
         pipeline,
         metrics,
@@ -124,28 +146,75 @@ def build_services(
         )
 
     metrics.add_collector(pool_metrics)
-    return Services(settings, metrics, pool, table, breakers, keys, catalog, server)
+    if cache is not None:
+        metrics.add_collector(partial(cache_metrics, cache))
+    metrics.add_collector(partial(flight_metrics, flight))
+    return Services(settings, metrics, pool, table, breakers, keys, catalog, server, cache)
+
+
+def flight_metrics(flight: SingleFlight[SharedOutcome]) -> Iterable[Metric]:
+    yield counter_family(
+        "atajo_coalesced_requests",
+        "Requests that shared an identical in-flight request's upstream call (calls saved)",
+        [],
+        [([], flight.followers)],
+    )
+    yield gauge_family(
+        "atajo_coalesce_in_flight", "Distinct requests being computed for waiting callers", [], [([], flight.in_flight)]
+    )
+
+
+def cache_metrics(cache: CacheService) -> Iterable[Metric]:
+    """Sizes as of the last refresh (every few seconds): scrapes never wait on a tier."""
+    tiers = cache.chain.tiers
+    yield gauge_family(
+        "atajo_cache_entries", "Entries held per cache tier", ["tier"], [([t.name], t.stats.entries) for t in tiers]
+    )
+    yield gauge_family(
+        "atajo_cache_size_bytes", "Bytes held per cache tier", ["tier"], [([t.name], t.stats.bytes) for t in tiers]
+    )
+    yield counter_family(
+        "atajo_cache_evictions",
+        "Entries evicted to respect a tier's size bound",
+        ["tier"],
+        [([t.name], t.stats.evictions) for t in tiers],
+    )
+    yield gauge_family(
+        "atajo_cache_tier_up", "1 when a tier is in use, 0 while it is skipped after a failure", ["tier"],
+        [([t.name], 0 if t.down_until else 1) for t in tiers],
+    )  # fmt: skip
 
 
 SERVICES = web.AppKey("services", Services)
 
 
 def build_app(
-    settings: Settings, *, sleep: Sleep = asyncio.sleep, clock: Callable[[], float] = time.monotonic
+    settings: Settings,
+    *,
+    sleep: Sleep = asyncio.sleep,
+    clock: Callable[[], float] = time.monotonic,
+    wall_clock: Callable[[], float] = time.time,
 ) -> web.Application:
-    services = build_services(settings, sleep=sleep, clock=clock)
+    services = build_services(settings, sleep=sleep, clock=clock, wall_clock=wall_clock)
     app = web.Application(client_max_size=settings.server.max_body_bytes, middlewares=[errors_middleware])
     app[SERVICES] = services
     app.add_routes(services.server.routes())
+    if services.cache is not None:
+        admin = CacheAdmin(services.cache, services.keys.authenticate, services.server.request_id)
+        app.add_routes(admin.routes())
 
     async def start(_: web.Application) -> None:
         await services.pool.start()
+        if services.cache is not None:
+            await services.cache.start()
         services.server.accepting = True
 
     async def stop(_: web.Application) -> None:
         services.server.accepting = False
 
     async def close(_: web.Application) -> None:
+        if services.cache is not None:
+            await services.cache.close()
         await services.pool.close()
 
     app.on_startup.append(start)
@@ -165,6 +234,16 @@ def describe_startup(settings: Settings, keys_open: bool) -> list[str]:
     else:
         providers = sorted({d.provider for m in settings.models.values() for d in m.deployments})
         lines.append(f"providers: {', '.join(providers)}; models: {', '.join(sorted(settings.models))}")
+    if settings.cache.enabled:
+        tiers = " → ".join(f"{t.kind} {_redact(t.url)} ({t.ttl_s:g} s)" for t in settings.cache.tiers)
+        lines.append(f"cache: {tiers} → provider")
+    else:
+        lines.append("cache: off")
     if keys_open:
         lines.append("auth: no keys configured, the gateway accepts every caller (set ATAJO_MASTER_KEY)")
     return lines
+
+
+def _redact(url: str) -> str:
+    """A URL fit for logs: any user:password part replaced."""
+    return re.sub(r"//[^@/]*@", "//***@", url)

@@ -5,6 +5,7 @@
     │   ├── MalformedJSON           400 (code invalid_json)
     │   └── UnsupportedParameter    400 (code unsupported_parameter)
     ├── AuthenticationFailed        401 authentication_error
+    ├── PermissionDenied            403 permission_error (a valid key that may not do this)
     ├── NotFound                    404 (unknown route)
     │   └── ModelNotFound           404 (code model_not_found)
     ├── MethodNotAllowed            405
@@ -62,6 +63,12 @@ class AuthenticationFailed(AtajoError):
     status = 401
     type = "authentication_error"
     code = "invalid_api_key"
+
+
+class PermissionDenied(AtajoError):
+    status = 403
+    type = "permission_error"
+    code = "permission_denied"
 
 
 class NotFound(AtajoError):

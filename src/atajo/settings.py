@@ -48,12 +48,28 @@ class ServerSettings(_Model):
     access_log: bool = False
 
 
+NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+"""Tenants and cache namespaces: they become parts of cache keys, so no ``/`` and nothing exotic."""
+
+
+class CachePolicy(_Model):
+    """Per model (``cache.models``) or per key (``auth.keys[].cache``); unset fields inherit. The key's policy
+    wins over the model's, which wins over the ``cache`` section's defaults."""
+
+    enabled: bool | None = None
+    ttl_s: PositiveFloat | None = Field(None, description="overrides every tier's TTL for these answers")
+    cache_sampled: bool | None = Field(None, description="cache requests with temperature > 0")
+    stale_if_error_s: float | None = Field(None, ge=0)
+
+
 class ApiKey(_Model):
     """A static key. Give ``key`` (read from env with ${VAR}) or its ``key_sha256`` so no secret is in the file."""
 
     name: str
     key: SecretStr | None = None
     key_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    tenant: str = Field("default", pattern=NAME_PATTERN, description="whose cache and data this key sees")
+    cache: CachePolicy = Field(default_factory=CachePolicy)
 
     @model_validator(mode="after")
     def _one_of(self) -> ApiKey:
@@ -131,6 +147,79 @@ class ModelSettings(_Model):
     kind: Literal["chat", "embeddings", "any"] = "any"
 
 
+class CacheTierSettings(_Model):
+    """One tier of the exact cache, chosen by URL scheme: ``memory://``, ``redis://host:port/db``,
+    ``sqlite:///path/file.db`` (``~`` expanded), ``postgresql://user@host:port/db``."""
+
+    url: str = Field(pattern=r"^(memory|redis|rediss|unix|sqlite|postgresql|postgres)://")
+    ttl_s: PositiveFloat = Field(description="how long an answer is served from this tier")
+    max_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="memory tier: size bound (LRU beyond it)")
+    timeout_s: PositiveFloat = Field(0.25, description="longest wait for this tier before skipping it")
+
+    @property
+    def kind(self) -> Literal["memory", "redis", "sql"]:
+        scheme = self.url.split("://", 1)[0]
+        return "memory" if scheme == "memory" else "redis" if scheme in ("redis", "rediss", "unix") else "sql"
+
+
+class TagRule(_Model):
+    """Derive a dependency tag from the request: ``source: user`` (the ``user`` field), ``metadata`` (the
+    metadata ``field``), or ``messages`` (every match of ``pattern`` in the messages' text). ``tag`` is a
+    template: ``{value}`` is the field's value or the match, ``{name}`` a named group of the pattern."""
+
+    source: Literal["user", "metadata", "messages"]
+    tag: str = Field(min_length=1)
+    field: str | None = None
+    pattern: str | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> TagRule:
+        if self.source == "metadata" and not self.field:
+            raise ValueError("a metadata rule needs `field`")
+        if self.source == "messages":
+            if not self.pattern:
+                raise ValueError("a messages rule needs `pattern`")
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern is not a valid regular expression: {exc}") from None
+        return self
+
+
+def _default_tiers() -> list[CacheTierSettings]:
+    return [
+        CacheTierSettings(url="memory://", ttl_s=300),
+        CacheTierSettings(url="sqlite:///~/.cache/atajo/cache.db", ttl_s=3600),
+    ]
+
+
+class CacheSettings(_Model):
+    enabled: bool = True
+    tiers: list[CacheTierSettings] = Field(default_factory=_default_tiers, description="fastest first")
+    stale_if_error_s: float = Field(600, ge=0, description="serve an expired answer this long when providers fail")
+    max_ttl_s: PositiveFloat = Field(7 * 86400, description="upper bound of x-atajo-cache-ttl")
+    cache_sampled: bool = Field(True, description="cache requests with temperature > 0 (each answer is a valid sample)")
+    models: dict[str, CachePolicy] = Field(default_factory=dict, description="per model name; '*' for the rest")
+    tag_rules: list[TagRule] = Field(default_factory=lambda: [TagRule(source="user", tag="user:{value}")])
+    dependencies: dict[str, list[str]] = Field(
+        default_factory=dict, description="tag pattern → tags that depend on it, e.g. profile:{id} → [sessions:{id}]"
+    )
+    bus_url: str | None = Field(
+        None, description="Redis URL for cross-instance invalidation; default: the first redis tier's URL"
+    )
+    write_queue: int = Field(10_000, ge=1, description="pending tier writes beyond this are dropped (counted)")
+
+    @model_validator(mode="after")
+    def _tiers_distinct(self) -> CacheSettings:
+        kinds = [t.kind for t in self.tiers]
+        if len(set(kinds)) != len(kinds):
+            raise ValueError("cache.tiers: at most one tier of each kind (memory, redis, sql)")
+        for pattern in self.dependencies:
+            if not re.fullmatch(r"[^{}]*(\{[A-Za-z_][A-Za-z0-9_]*\}[^{}]*)*", pattern):
+                raise ValueError(f"cache.dependencies: {pattern!r} is not a tag pattern like profile:{{id}}")
+        return self
+
+
 class Settings(_Model):
     server: ServerSettings = Field(default_factory=ServerSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
@@ -138,6 +227,7 @@ class Settings(_Model):
     retry: RetrySettings = Field(default_factory=RetrySettings)
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
     models: dict[str, ModelSettings] = Field(default_factory=dict)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @model_validator(mode="after")

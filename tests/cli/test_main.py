@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -51,6 +52,7 @@ def test_config_check_names_the_bad_setting(tmp_path: Path) -> None:
 def _serve(*args: str) -> tuple[subprocess.Popen[str], int]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "ATAJO_CONFIG", "ATAJO_MASTER_KEY")}
+    env["HOME"] = tempfile.mkdtemp(prefix="atajo-home-")  # the default SQLite cache tier lives under ~/.cache
     proc = subprocess.Popen(
         [sys.executable, "-m", "atajo", "serve", "--port", str(port), *args],
         stderr=subprocess.PIPE,

@@ -77,6 +77,7 @@ def gateway() -> Iterator[GatewayFactory]:
 
     def start(config: dict[str, Any]) -> Gateway:
         sleep, clock = RecordingSleep(), FakeClock()
+        config.setdefault("cache", {"enabled": False})  # these tests count upstream calls
         app = build_app(Settings.model_validate(config), sleep=sleep, clock=clock)
         services = app[SERVICES]
         server = LiveServer(app).start()

@@ -27,7 +27,12 @@ async def _instant(_: float) -> None:
 @pytest.fixture(scope="module")
 def fuzz_gateway() -> Iterator[LiveServer]:
     config = Settings.model_validate(
-        {"auth": {"master_key": MASTER}, "server": {"max_body_bytes": 65536}, "models": default_models({})}
+        {
+            "auth": {"master_key": MASTER},
+            "server": {"max_body_bytes": 65536},
+            "models": default_models({}),
+            "cache": {"tiers": [{"url": "memory://", "ttl_s": 60}]},
+        }
     )
     with LiveServer(build_app(config, sleep=_instant)) as server:
         yield server

@@ -32,7 +32,7 @@ class KeyRing:
         self._by_digest: dict[str, Principal] = {}
         for key in settings.keys:
             secret = key.key.get_secret_value() if key.key else None
-            self._by_digest[digest(secret) if secret else str(key.key_sha256)] = Principal(key.name)
+            self._by_digest[digest(secret) if secret else str(key.key_sha256)] = Principal(key.name, tenant=key.tenant)
         if settings.master_key:
             self._by_digest[digest(settings.master_key.get_secret_value())] = Principal("master", is_admin=True)
 

@@ -1,4 +1,4 @@
-"""``atajo serve``, ``atajo config check``, ``atajo --version``."""
+"""``atajo serve``, ``atajo config check``, ``atajo cache ...``, ``atajo --version``."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 
 from atajo import __version__
+from atajo.cli.cache import cache
 from atajo.errors import ConfigError
 from atajo.settings import Settings, load_settings
 
@@ -172,6 +173,9 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+
+
+cli.add_command(cache)
 
 
 def main() -> None:

@@ -122,6 +122,64 @@ class _Callback(Collector):
         return self._collect()
 
 
+CACHE_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+FRACTION_BUCKETS = (0.0001, 0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1)
+
+
+class CacheMetrics:
+    """What the cache's tier chain reports (it implements ``atajo.cache.tiers.CacheObserver``)."""
+
+    def __init__(self) -> None:
+        self.lookups = Counter(
+            "atajo_cache_lookups",
+            "Cache lookups per tier, by outcome (hit, stale, miss, error, skipped)",
+            ["tier", "outcome"],
+        )
+        self.lookup_duration = Histogram(
+            "atajo_cache_lookup_duration_seconds", "Time of one lookup in one tier", ["tier"], CACHE_BUCKETS
+        )
+        self.writes = Counter(
+            "atajo_cache_writes",
+            "Writes behind the response, by outcome (ok, error, dropped, vetoed)",
+            ["tier", "outcome"],
+        )
+        self.failures = Counter(
+            "atajo_cache_tier_failures",
+            "Tier operations that failed or timed out (the tier is then skipped)",
+            ["tier", "operation"],
+        )
+        self.invalidated = Counter("atajo_cache_invalidated_entries", "Entries dropped by invalidations", ["tier"])
+        self.invalidated_fraction = Histogram(
+            "atajo_cache_invalidation_fraction",
+            "Share of a tier's entries one invalidation dropped",
+            ["tier"],
+            FRACTION_BUCKETS,
+        )
+        self.own: list[Counter | Histogram] = [
+            self.lookups,
+            self.lookup_duration,
+            self.writes,
+            self.failures,
+            self.invalidated,
+            self.invalidated_fraction,
+        ]
+
+    def lookup(self, tier: str, outcome: str, seconds: float) -> None:
+        self.lookups.labels(tier, outcome).inc()
+        if outcome != "skipped":
+            self.lookup_duration.labels(tier).observe(seconds)
+
+    def write(self, tier: str, outcome: str) -> None:
+        self.writes.labels(tier, outcome).inc()
+
+    def invalidation(self, tier: str, dropped: int, fraction: float) -> None:
+        self.invalidated.labels(tier).inc(dropped)
+        self.invalidated_fraction.labels(tier).observe(fraction)
+
+    def failure(self, tier: str, operation: str) -> None:
+        self.failures.labels(tier, operation).inc()
+
+
 class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
@@ -180,10 +238,16 @@ class GatewayMetrics:
             "Cost of answers at catalog prices, in millionths of the catalog currency",
             ["gen_ai_request_model"],
         )
+        self.cache_saved = Counter(
+            "atajo_cache_saved_micros",
+            "What answers served from the cache would have cost at catalog prices, in millionths of the currency",
+            ["gen_ai_request_model"],
+        )
+        self.cache = CacheMetrics()
         self._own: list[Counter | Histogram | Gauge] = [
             self.requests, self.request_duration, self.overhead, self.errors, self.in_flight,
             self.operation_duration, self.token_usage, self.ttft, self.attempts, self.attempt_duration,
-            self.retries, self.fallbacks, self.spend,
+            self.retries, self.fallbacks, self.spend, self.cache_saved, *self.cache.own,
         ]  # fmt: skip
         self.add_collector(lambda: (m.collect() for m in self._own))
         self._model_names: frozenset[str] = frozenset()

@@ -38,6 +38,12 @@ def atajo_headers(ctx: RequestContext) -> dict[str, str]:
         headers["x-atajo-deployment"] = ctx.deployment
     if ctx.simulated:
         headers["x-atajo-simulated"] = "true"
+    if ctx.cache_age_s is not None:
+        headers["age"] = str(int(ctx.cache_age_s))
+    if ctx.cache_key is not None:
+        headers["x-atajo-cache-key"] = ctx.cache_key.partition("/")[2]  # without the tenant
+    if ctx.coalesced:
+        headers["x-atajo-coalesced"] = "true"
     if ctx.extra_headers:
         headers.update(ctx.extra_headers)
     return headers

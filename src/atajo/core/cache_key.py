@@ -1,0 +1,67 @@
+"""The cache key: a canonical fingerprint of every field that can change an answer, scoped by tenant,
+namespace and model, versioned.
+
+Fields are sorted into two explicit lists. A field in ``*_KEY_FIELDS`` is part of the fingerprint; a field in
+``*_NOT_KEY_FIELDS`` cannot change the answer (who asks, how it is delivered) and is left out, so requests
+that differ only there share an entry. A field in neither list (a parameter newer than this code) is kept
+in the fingerprint: an unknown field costs a miss, never a wrong answer. A test fails when a field the
+parser knows is in neither list.
+
+Keys read ``{tenant}/{namespace}/{model}/{version}-{digest}``: the tenant first, so no lookup can reach
+another tenant's entries, and the rest readable, so an operator can drop a model's or a namespace's
+entries by key prefix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from urllib.parse import quote
+
+import orjson
+
+from atajo.core.requests import Request
+from atajo.types import JSON, JSONObject
+
+KEY_VERSION = "v1"
+"""Bump when the fingerprint changes meaning: old entries then simply stop matching."""
+
+CHAT_KEY_FIELDS = frozenset(
+    {
+        "messages", "temperature", "top_p", "n", "stop", "max_tokens", "max_completion_tokens",
+        "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "response_format",
+        "seed", "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call", "reasoning_effort",
+        "modalities", "audio", "prediction", "web_search_options", "verbosity",
+    }
+)  # fmt: skip
+CHAT_NOT_KEY_FIELDS = frozenset(
+    {
+        "model",  # scoped in the key's path instead
+        "stream", "stream_options",  # delivery: a hit is replayed in whichever form is asked
+        "user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
+    }
+)  # fmt: skip
+EMBEDDINGS_KEY_FIELDS = frozenset({"input", "encoding_format", "dimensions"})
+EMBEDDINGS_NOT_KEY_FIELDS = frozenset({"model", "user"})
+
+# Numbers whose integer and float spellings mean the same (temperature 1 == 1.0).
+_FLOAT_FIELDS = frozenset({"temperature", "top_p", "presence_penalty", "frequency_penalty"})
+
+_NOT_KEY = {"chat": CHAT_NOT_KEY_FIELDS, "embeddings": EMBEDDINGS_NOT_KEY_FIELDS}
+
+
+def fingerprint(request: Request) -> str:
+    """A hex digest of the request's answer-affecting fields, in canonical JSON (sorted keys, no nulls)."""
+    not_key = _NOT_KEY[request.operation]
+    fields: dict[str, JSON] = {}
+    body: JSONObject = request.body
+    for name, value in body.items():
+        if value is None or name in not_key:
+            continue
+        fields[name] = float(value) if name in _FLOAT_FIELDS and isinstance(value, int) else value
+    canonical = orjson.dumps([KEY_VERSION, request.operation, fields], option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(canonical).hexdigest()[:40]
+
+
+def cache_key(request: Request, tenant: str, namespace: str) -> str:
+    """The full key; ``tenant`` and ``namespace`` are validated names (no ``/``)."""
+    return f"{tenant}/{namespace}/{quote(request.model, safe='')}/{KEY_VERSION}-{fingerprint(request)}"

@@ -1,0 +1,289 @@
+"""Cache stage: when to look up, when to store, and what a hit looks like.
+
+Per request, with HTTP's vocabulary: ``Cache-Control: no-cache`` skips the lookup but stores the fresh
+answer; ``no-store`` looks up but stores nothing; both together bypass the cache; ``max-age=N`` accepts only
+entries up to N seconds old. ``x-atajo-cache-ttl: N`` stores for N seconds in every tier (0: do not store),
+``x-atajo-cache-namespace`` keeps a separate set of entries, ``x-atajo-cache-tags`` adds dependency tags.
+Policies per model and per key (``enabled``, ``ttl_s``, ``cache_sampled``, ``stale_if_error_s``) refine the
+``cache`` section's defaults.
+
+Only complete, successful answers are stored, behind the response. A streamed answer is stored once it has
+ended cleanly; a hit for a streaming request is replayed as a stream. When every provider fails and an
+expired entry is still within the stale-if-error window, it is served, marked ``stale``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncGenerator, Mapping
+from dataclasses import dataclass
+
+import orjson
+
+from atajo.cache.entry import Entry
+from atajo.cache.service import CacheService
+from atajo.cache.tags import MAX_TAGS, valid_tag
+from atajo.cache.tiers import Fill
+from atajo.core.answers import chunks_from_completion, completion_from_chunks, is_complete_chat, is_complete_embeddings
+from atajo.core.cache_key import cache_key
+from atajo.core.catalog import Catalog
+from atajo.core.context import RequestContext
+from atajo.core.pipeline import Handler
+from atajo.core.requests import Request
+from atajo.core.results import ChunkStream, Completion, Result, Usage
+from atajo.errors import AllAttemptsFailed, InvalidRequest, UpstreamError, UpstreamRejected
+from atajo.observe.metrics import GatewayMetrics
+from atajo.settings import NAME_PATTERN, CachePolicy, CacheSettings
+from atajo.types import JSONObject
+
+log = logging.getLogger("atajo.cache")
+
+_NAMESPACE = re.compile(NAME_PATTERN)
+VALUE_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    lookup: bool
+    store: bool
+    max_age_s: float | None
+    ttl_s: float | None
+    namespace: str
+    stale_if_error_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Policy:
+    enabled: bool
+    ttl_s: float | None
+    cache_sampled: bool
+    stale_if_error_s: float
+
+
+class CacheStage:
+    name = "cache"
+
+    def __init__(
+        self,
+        service: CacheService,
+        settings: CacheSettings,
+        key_policies: Mapping[str, CachePolicy],
+        catalog: Catalog,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self.service = service
+        self.chain = service.chain
+        self.settings = settings
+        self.key_policies = dict(key_policies)
+        self.catalog = catalog
+        self.metrics = metrics
+        self._policies: dict[tuple[str, str], _Policy] = {}
+
+    async def __call__(self, request: Request, ctx: RequestContext, call_next: Handler) -> Result:
+        plan = self.plan(request, ctx)
+        if plan is None:
+            ctx.cache_status = "bypass"
+            return await call_next(request, ctx)
+        tenant = ctx.principal.tenant if ctx.principal else "default"
+        tags = self.tags(request, ctx) if plan.store else frozenset()  # bad tags fail before any work
+        key = ctx.cache_key = cache_key(request, tenant, plan.namespace)
+        generation = self.chain.generation
+        stale: Entry | None = None
+        if plan.lookup:
+            found = await self.chain.get(key, plan.max_age_s)
+            if found.entry is not None:
+                return self._answer(request, ctx, found.entry, f"hit-{found.tier}")
+            if found.stale is not None and self.chain.clock() <= found.stale.fresh_until + plan.stale_if_error_s:
+                stale = found.stale
+        try:
+            result = await call_next(request, ctx)
+        except (UpstreamError, AllAttemptsFailed) as err:
+            if stale is None or not _provider_failed(err):
+                raise
+            log.warning("serving a stale answer for %s: providers failed (%s)", ctx.request_id, err.message)
+            return self._answer(request, ctx, stale, "stale")
+        if not plan.store or ctx.coalesced:
+            return result
+        fill = _Pending(self, request, ctx, plan, tenant, key, tags, generation)
+        if isinstance(result, Completion):
+            fill.store(result.body)
+        else:
+            result.chunks = fill.record(result.chunks)
+        return result
+
+    # --- deciding ---------------------------------------------------------------------------------
+
+    def plan(self, request: Request, ctx: RequestContext) -> Plan | None:
+        """What to do for this request, from its headers and the policies; None: bypass the cache."""
+        policy = self._policy(request.model, ctx.principal.key_name if ctx.principal else "")
+        if not policy.enabled:
+            return None
+        if not policy.cache_sampled and request.operation == "chat":
+            temperature = request.body.get("temperature")
+            if temperature is None or temperature > 0:  # absent means the provider's default of 1
+                return None
+        headers = ctx.headers
+        lookup = store = True
+        max_age_s: float | None = None
+        control = headers.get("cache-control")
+        if control:
+            for directive in control.lower().split(","):
+                name, _, value = directive.strip().partition("=")
+                if name == "no-cache":
+                    lookup = False
+                elif name == "no-store":
+                    store = False
+                elif name == "max-age":
+                    max_age_s = _seconds(value, "cache-control", "max-age")
+        ttl_s = policy.ttl_s
+        raw_ttl = headers.get("x-atajo-cache-ttl")
+        if raw_ttl is not None:
+            ttl_s = _seconds(raw_ttl, "x-atajo-cache-ttl", "x-atajo-cache-ttl")
+            if ttl_s > self.settings.max_ttl_s:
+                raise InvalidRequest(
+                    f"x-atajo-cache-ttl may be at most {self.settings.max_ttl_s:g} seconds.", param="x-atajo-cache-ttl"
+                )
+            if ttl_s == 0:
+                store = False
+        if not lookup and not store:
+            return None
+        namespace = headers.get("x-atajo-cache-namespace") or "default"
+        if not _NAMESPACE.match(namespace):
+            raise InvalidRequest(
+                "x-atajo-cache-namespace must be 1 to 64 letters, digits or any of _ . : -",
+                param="x-atajo-cache-namespace",
+            )
+        return Plan(lookup, store, max_age_s, ttl_s, namespace, policy.stale_if_error_s)
+
+    def _policy(self, model: str, key_name: str) -> _Policy:
+        cached = self._policies.get((model, key_name))
+        if cached is not None:
+            return cached
+        s = self.settings
+        enabled, ttl_s, sampled, stale = s.enabled, None, s.cache_sampled, s.stale_if_error_s
+        layers = [self.settings.models.get(model) or self.settings.models.get("*"), self.key_policies.get(key_name)]
+        for layer in layers:
+            if layer is None:
+                continue
+            enabled = layer.enabled if layer.enabled is not None else enabled
+            ttl_s = layer.ttl_s if layer.ttl_s is not None else ttl_s
+            sampled = layer.cache_sampled if layer.cache_sampled is not None else sampled
+            stale = layer.stale_if_error_s if layer.stale_if_error_s is not None else stale
+        policy = self._policies[(model, key_name)] = _Policy(enabled, ttl_s, sampled, min(stale, s.stale_if_error_s))
+        return policy
+
+    def tags(self, request: Request, ctx: RequestContext) -> frozenset[str]:
+        tags = self.service.rules.derive(request.body)
+        given = ctx.headers.get("x-atajo-cache-tags")
+        if given:
+            for tag in (t.strip() for t in given.split(",")):
+                if not tag:
+                    continue
+                if not valid_tag(tag):
+                    raise InvalidRequest(
+                        f"x-atajo-cache-tags: {tag[:40]!r} is not a valid tag (letters, digits and _ . : @ # = + -).",
+                        param="x-atajo-cache-tags",
+                    )
+                tags.add(tag)
+        if len(tags) > MAX_TAGS:
+            raise InvalidRequest(f"at most {MAX_TAGS} cache tags per request", param="x-atajo-cache-tags")
+        return frozenset(tags)
+
+    # --- answering from the cache -----------------------------------------------------------------
+
+    def _answer(self, request: Request, ctx: RequestContext, entry: Entry, status: str) -> Result:
+        stored = orjson.loads(entry.value)
+        body: JSONObject = stored["body"]
+        usage = Usage.from_openai(body.get("usage"))
+        ctx.cache_status = status
+        ctx.cache_age_s = max(0.0, self.chain.clock() - entry.created_at)
+        ctx.routed_model = ctx.routed_model or request.model
+        ctx.response_model = body.get("model")
+        ctx.cost_micros = 0
+        ctx.simulated = bool(stored.get("simulated"))  # a simulated answer stays labelled as one
+        upstream_model = stored.get("upstream_model")
+        info = self.catalog.get(upstream_model) if upstream_model else None
+        if info is not None and usage is not None:
+            self.metrics.cache_saved.labels(self.metrics.model_label(request.model)).inc(info.cost_micros(usage))
+        if request.stream:
+            include_usage = bool(getattr(request, "include_usage", False))
+            return ChunkStream(_replay(chunks_from_completion(body, include_usage)), usage)
+        return Completion(body, usage)
+
+
+async def _replay(chunks: list[JSONObject]) -> AsyncGenerator[JSONObject, None]:
+    for chunk in chunks:
+        yield chunk
+
+
+class _Pending:
+    """An answer on its way from the provider, to be stored once known to be whole."""
+
+    __slots__ = ("ctx", "generation", "key", "plan", "request", "stage", "tags", "tenant")
+
+    def __init__(
+        self,
+        stage: CacheStage,
+        request: Request,
+        ctx: RequestContext,
+        plan: Plan,
+        tenant: str,
+        key: str,
+        tags: frozenset[str],
+        generation: int,
+    ) -> None:
+        self.stage, self.request, self.ctx, self.plan = stage, request, ctx, plan
+        self.tenant, self.key, self.tags, self.generation = tenant, key, tags, generation
+
+    def store(self, body: JSONObject) -> None:
+        complete = is_complete_chat(body) if self.request.operation == "chat" else is_complete_embeddings(body)
+        if not complete:
+            return
+        value = orjson.dumps(
+            {
+                "v": VALUE_VERSION,
+                "op": self.request.operation,
+                "body": body,
+                "upstream_model": self.ctx.upstream_model,
+                "simulated": self.ctx.simulated,
+            }
+        )
+        self.stage.chain.store(
+            Fill(
+                self.key,
+                self.tenant,
+                self.plan.namespace,
+                value,
+                self.tags,
+                self.plan.ttl_s,
+                self.generation,
+            )
+        )
+
+    async def record(self, chunks: AsyncGenerator[JSONObject, None]) -> AsyncGenerator[JSONObject, None]:
+        """Pass the chunks on; store the answer they make if the stream ends cleanly."""
+        seen: list[JSONObject] = []
+        async for chunk in chunks:
+            seen.append(chunk)
+            yield chunk
+        body = completion_from_chunks(seen)
+        if body is not None:
+            self.store(body)
+
+
+def _provider_failed(err: UpstreamError | AllAttemptsFailed) -> bool:
+    """Whether the failure is the providers' (worth a stale answer), not the request's."""
+    if isinstance(err, UpstreamRejected):
+        return False
+    return err.status >= 500 or err.status == 429
+
+
+def _seconds(raw: str, header: str, what: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise InvalidRequest(f"{what} in {header} must be a number of seconds (0 or more).", param=header)
+    return value

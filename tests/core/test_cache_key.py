@@ -1,0 +1,107 @@
+"""The cache key: every field is decided, equal requests share a key, answer-affecting ones never do."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from atajo.core.cache_key import (
+    CHAT_KEY_FIELDS,
+    CHAT_NOT_KEY_FIELDS,
+    EMBEDDINGS_KEY_FIELDS,
+    EMBEDDINGS_NOT_KEY_FIELDS,
+    cache_key,
+)
+from atajo.core.requests import ChatRequest, EmbeddingsRequest
+from atajo.server import parse
+from atajo.server.openapi import openapi_document
+
+
+def chat(**body: Any) -> ChatRequest:
+    body.setdefault("model", "gpt-4o-mini")
+    body.setdefault("messages", [{"role": "user", "content": "hi"}])
+    return parse.parse_chat(body)
+
+
+def key(request: ChatRequest | EmbeddingsRequest, tenant: str = "t1", namespace: str = "default") -> str:
+    return cache_key(request, tenant, namespace)
+
+
+def test_every_chat_field_the_gateway_knows_is_decided() -> None:
+    """A new field in the parser or in the OpenAPI document must be put in the key list or the not-key list."""
+    known = set(parse._CHAT_FIELDS) | {"model", "messages"}
+    operation = openapi_document()["paths"]["/v1/chat/completions"]["post"]
+    known |= set(operation["requestBody"]["content"]["application/json"]["schema"]["properties"])
+    undecided = known - CHAT_KEY_FIELDS - CHAT_NOT_KEY_FIELDS
+    assert not undecided, f"decide whether these fields change the answer: {sorted(undecided)}"
+    assert not CHAT_KEY_FIELDS & CHAT_NOT_KEY_FIELDS
+
+
+def test_every_embeddings_field_is_decided() -> None:
+    known = {"model", "input", "encoding_format", "dimensions", "user"}
+    assert not known - EMBEDDINGS_KEY_FIELDS - EMBEDDINGS_NOT_KEY_FIELDS
+    assert not EMBEDDINGS_KEY_FIELDS & EMBEDDINGS_NOT_KEY_FIELDS
+
+
+def test_field_order_and_delivery_fields_do_not_change_the_key() -> None:
+    a = chat(temperature=0.2, seed=7)
+    b = parse.parse_chat(
+        {
+            "seed": 7,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "user": "someone-else",
+            "metadata": {"trace": "x"},
+            "messages": [{"content": "hi", "role": "user"}],
+            "temperature": 0.2,
+            "model": "gpt-4o-mini",
+        }
+    )
+    assert key(a) == key(b)
+
+
+def test_integer_and_float_spellings_of_a_number_match_and_nulls_are_absent() -> None:
+    assert key(chat(temperature=1)) == key(chat(temperature=1.0))
+    assert key(chat(top_p=None)) == key(chat())
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"messages": [{"role": "user", "content": "hi!"}]},
+        {"messages": [{"role": "system", "content": "be terse"}, {"role": "user", "content": "hi"}]},
+        {"temperature": 0.3},
+        {"max_tokens": 5},
+        {"seed": 8},
+        {"n": 2},
+        {"stop": ["\n"]},
+        {"response_format": {"type": "json_object"}},
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+        {"tool_choice": "none"},
+        {"logprobs": True},
+        {"some_future_parameter": 1},  # unknown fields count: a miss, never a wrong answer
+    ],
+)
+def test_answer_affecting_fields_change_the_key(change: dict[str, Any]) -> None:
+    assert key(chat(**change)) != key(chat())
+
+
+def test_key_is_scoped_by_tenant_namespace_and_model() -> None:
+    base = key(chat())
+    assert key(chat(), tenant="t2") != base
+    assert key(chat(), namespace="support") != base
+    assert key(chat(model="gpt-4o")) != base
+    assert base.startswith("t1/default/gpt-4o-mini/v1-")
+
+
+def test_model_names_with_slashes_cannot_escape_their_key_segment() -> None:
+    k = key(chat(model="meta-llama/Llama-3"))
+    assert k.split("/")[2] == "meta-llama%2FLlama-3"
+
+
+def test_chat_and_embeddings_never_share_a_key() -> None:
+    e = parse.parse_embeddings({"model": "m", "input": "hi"})
+    e2 = parse.parse_embeddings({"model": "m", "input": "hi", "user": "u"})
+    assert key(e) == key(e2)
+    assert key(e) != key(parse.parse_embeddings({"model": "m", "input": "hi", "dimensions": 8}))
