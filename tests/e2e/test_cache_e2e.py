@@ -4,6 +4,8 @@ clock, stale answers when the provider fails, and invalidation through the API."
 
 from __future__ import annotations
 
+import asyncio
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -368,3 +370,24 @@ def test_a_down_tier_is_skipped_and_counted(
     assert 'atajo_cache_tier_up{tier="redis"} 0.0' in metrics
     assert 'atajo_cache_lookups_total{outcome="hit",tier="memory"} 1.0' in metrics
     assert len(upstream.received) == 1
+
+
+async def test_200_concurrent_identical_requests_on_a_cold_cache_make_one_upstream_call(
+    gateway: GatewayFactory, openai_upstream: Upstream, tmp_path: Path
+) -> None:
+    upstream, up = openai_upstream
+    upstream.always = Fault(delay_s=0.3)  # long enough for every copy to arrive while the first is in flight
+    gw = gateway(config(up, tmp_path))
+    sdk = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=KEY_A, max_retries=0, timeout=30)
+
+    async def one() -> tuple[str | None, str, str | None]:
+        raw = await sdk.chat.completions.with_raw_response.create(model="fast", messages=HI)
+        return raw.parse().choices[0].message.content, raw.headers["x-atajo-cache"], raw.headers.get("x-atajo-coalesced")
+
+    results = await asyncio.gather(*(one() for _ in range(200)))
+    await sdk.close()
+    assert len(upstream.received) == 1
+    assert {content for content, _, _ in results} == {upstream.reply}
+    statuses = Counter(status for _, status, _ in results)
+    coalesced = sum(1 for _, _, flag in results if flag == "true")
+    assert coalesced + statuses["hit-memory"] == 199, (statuses, coalesced)

@@ -72,9 +72,10 @@ class CacheAdmin:
             raise InvalidRequest(
                 f"Unknown field '{unknown[0]}' (expected tags, namespace, key_prefix, tenant).", param=unknown[0]
             )
-        tags = data.get("tags") or []
-        if isinstance(tags, str):
-            tags = [tags]
+        for name in ("tags", "namespace", "key_prefix", "tenant"):
+            if name in data and data[name] is None:
+                raise InvalidRequest(f"'{name}' cannot be null; leave it out instead.", param=name)
+        tags = data.get("tags", [])
         if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
             raise InvalidRequest("'tags' must be an array of strings.", param="tags")
         if len(tags) > MAX_TAGS_PER_CALL:
@@ -107,6 +108,8 @@ class CacheAdmin:
         unknown = sorted(set(data) - {"tenant"})
         if unknown:
             raise InvalidRequest(f"Unknown field '{unknown[0]}' (expected tenant).", param=unknown[0])
+        if "tenant" in data and data["tenant"] is None:
+            raise InvalidRequest("'tenant' cannot be null; leave it out instead.", param="tenant")
         tenant = _tenant(principal, data, default_all=True)
         dropped = await self.service.flush(tenant)
         total = sum(n for n in dropped.values() if n > 0)

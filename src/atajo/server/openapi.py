@@ -16,6 +16,7 @@ def _errors(*statuses: int) -> JSONObject:
     text = {
         400: "Invalid request (malformed JSON, wrong types)",
         401: "Missing or wrong API key",
+        403: "The key may not do this (another tenant, or master key only)",
         404: "Unknown model",
         413: "Body over the size limit",
         429: "Rate limited",
@@ -194,6 +195,58 @@ def _nullable_optionals(schema: JSONObject) -> JSONObject:
     return {**schema, "properties": props}
 
 
+_NAME = {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,64}$"}
+_TAG = {"type": "string", "pattern": "^[A-Za-z0-9_.:@#=+-]{1,200}$"}
+_TENANT = {"anyOf": [_NAME, {"const": "*"}]}
+_INVALIDATE_REQUEST: JSONObject = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "tags": {"type": "array", "items": _TAG, "maxItems": 1000},
+        "namespace": _NAME,
+        "key_prefix": {"type": "string", "minLength": 1, "maxLength": 512},
+        "tenant": _TENANT,
+    },
+    "anyOf": [
+        {"required": ["tags"], "properties": {"tags": {"minItems": 1}}},
+        {"required": ["namespace"]},
+        {"required": ["key_prefix"]},
+    ],
+}
+_DROPPED = {"type": "object", "additionalProperties": {"type": "integer"}}
+_INVALIDATION: JSONObject = {
+    "type": "object",
+    "required": ["object", "tenant", "dropped", "tiers", "tags"],
+    "properties": {
+        "object": {"const": "cache.invalidation"},
+        "tenant": {"type": "string"},
+        "dropped": {"type": "integer", "minimum": 0},
+        "tiers": _DROPPED,
+        "tags": {"type": "array", "items": {"type": "string"}},
+    },
+}
+_FLUSH: JSONObject = {
+    "type": "object",
+    "required": ["object", "tenant", "dropped", "tiers"],
+    "properties": {"object": {"const": "cache.flush"}, "dropped": {"type": "integer", "minimum": 0}, "tiers": _DROPPED},
+}
+_STATS: JSONObject = {
+    "type": "object",
+    "required": ["object", "tiers"],
+    "properties": {
+        "object": {"const": "cache.stats"},
+        "tiers": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name", "ttl_s", "up", "entries", "bytes", "evictions"],
+                "properties": {"name": {"enum": ["memory", "redis", "sql"]}, "up": {"type": "boolean"}},
+            },
+        },
+    },
+}
+
+
 def _json(schema: JSONObject, description: str) -> JSONObject:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
@@ -286,6 +339,40 @@ def openapi_document() -> JSONObject:
                     "security": bearer,
                     "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
                     "responses": {"200": _json(_MODEL, "One model"), **_errors(401, 404)},
+                }
+            },
+            "/v1/cache/invalidate": {
+                "post": {
+                    "operationId": "invalidateCache",
+                    "security": bearer,
+                    "requestBody": {"required": True, "content": {"application/json": {"schema": _INVALIDATE_REQUEST}}},
+                    "responses": {"200": _json(_INVALIDATION, "Entries dropped, per tier"), **_errors(400, 401, 403)},
+                }
+            },
+            "/v1/cache/flush": {
+                "post": {
+                    "operationId": "flushCache",
+                    "security": bearer,
+                    "requestBody": {
+                        "required": False,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "properties": {"tenant": _TENANT},
+                                }
+                            }
+                        },
+                    },
+                    "responses": {"200": _json(_FLUSH, "Entries dropped, per tier"), **_errors(400, 401, 403)},
+                }
+            },
+            "/v1/cache/stats": {
+                "get": {
+                    "operationId": "cacheStats",
+                    "security": bearer,
+                    "responses": {"200": _json(_STATS, "Entries and bytes per tier"), **_errors(401, 403)},
                 }
             },
             "/health": {
