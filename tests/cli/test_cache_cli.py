@@ -18,7 +18,9 @@ def _gateway(gateway: GatewayFactory, tmp_path: Path) -> str:
     gw = gateway(
         {
             "auth": {"master_key": MASTER},
-            "cache": {"tiers": [{"url": "memory://", "ttl_s": 60}, {"url": f"sqlite:///{tmp_path}/c.db", "ttl_s": 600}]},
+            "cache": {
+                "tiers": [{"url": "memory://", "ttl_s": 60}, {"url": f"sqlite:///{tmp_path}/c.db", "ttl_s": 600}]
+            },
         }
     )
     headers = {"authorization": f"Bearer {MASTER}"}

@@ -382,7 +382,11 @@ async def test_200_concurrent_identical_requests_on_a_cold_cache_make_one_upstre
 
     async def one() -> tuple[str | None, str, str | None]:
         raw = await sdk.chat.completions.with_raw_response.create(model="fast", messages=HI)
-        return raw.parse().choices[0].message.content, raw.headers["x-atajo-cache"], raw.headers.get("x-atajo-coalesced")
+        return (
+            raw.parse().choices[0].message.content,
+            raw.headers["x-atajo-cache"],
+            raw.headers.get("x-atajo-coalesced"),
+        )
 
     results = await asyncio.gather(*(one() for _ in range(200)))
     await sdk.close()
