@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
+import orjson
+
 from atajo.types import JSONObject
 
 
@@ -37,12 +39,37 @@ class Usage:
         return out
 
 
-@dataclass(slots=True)
 class Completion:
-    """A whole answer; ``body`` is an OpenAI ``chat.completion`` or embeddings ``list`` object."""
+    """A whole answer; ``body`` is an OpenAI ``chat.completion`` or embeddings ``list`` object.
 
-    body: JSONObject
-    usage: Usage | None = None
+    An answer from the cache comes as ``raw``, the body's JSON bytes, and is sent as they are: decoding a
+    stored answer only to encode it again was most of a cache hit's own cost. ``body`` decodes ``raw`` when
+    a stage asks for it; treat it as read-only then (assigning a new ``body`` drops ``raw``).
+    """
+
+    __slots__ = ("_body", "raw", "usage")
+
+    def __init__(self, body: JSONObject | None = None, usage: Usage | None = None, *, raw: bytes | None = None) -> None:
+        if body is None and raw is None:
+            raise ValueError("a Completion needs a body or its raw bytes")
+        self._body = body
+        self.raw = raw
+        self.usage = usage
+
+    @property
+    def body(self) -> JSONObject:
+        if self._body is None:
+            assert self.raw is not None
+            self._body = orjson.loads(self.raw)
+        return self._body
+
+    @body.setter
+    def body(self, value: JSONObject) -> None:
+        self._body = value
+        self.raw = None
+
+    def __repr__(self) -> str:
+        return f"Completion(usage={self.usage!r}, raw={self.raw is not None})"
 
 
 @dataclass(slots=True)

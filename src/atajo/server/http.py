@@ -113,7 +113,7 @@ class GatewayServer:
             core = parse(decode(await self._body(request)))
             result = await self.pipeline(core, ctx)
             if isinstance(result, Completion):
-                resp: web.StreamResponse = json_response(result.body, ctx)
+                resp: web.StreamResponse = json_response(result.raw or result.body, ctx)
             else:
                 include_usage = getattr(core, "include_usage", False)
                 resp, failure = await stream_response(request, ctx, result.chunks, include_usage)

@@ -58,8 +58,9 @@ def error_response(err: AtajoError, ctx: RequestContext) -> web.Response:
     return web.Response(body=error_body(err), status=err.status, content_type=JSON_TYPE, headers=headers)
 
 
-def json_response(body: JSONObject, ctx: RequestContext, status: int = 200) -> web.Response:
-    payload = orjson.dumps(body)  # before the headers, so the overhead figure includes encoding
+def json_response(body: JSONObject | bytes, ctx: RequestContext, status: int = 200) -> web.Response:
+    """``body`` as an object, or already encoded (an answer from the cache)."""
+    payload = body if isinstance(body, bytes) else orjson.dumps(body)  # before the headers: overhead counts it
     headers = atajo_headers(ctx)
     headers["content-type"] = JSON_TYPE  # as a header, not content_type=: aiohttp would parse and rebuild it
     return web.Response(body=payload, status=status, headers=headers)

@@ -40,7 +40,9 @@ from atajo.types import JSONObject
 log = logging.getLogger("atajo.cache")
 
 _NAMESPACE = re.compile(NAME_PATTERN)
-VALUE_VERSION = 1
+VALUE_VERSION = 2
+"""A stored value is one line of JSON about the answer, a newline, then the answer's JSON bytes as sent."""
+_VALUE_PREFIX = b'{"v":%d,' % VALUE_VERSION
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,15 +88,19 @@ class CacheStage:
             ctx.cache_status = "bypass"
             return await call_next(request, ctx)
         tenant = ctx.principal.tenant if ctx.principal else "default"
-        tags = self.tags(request, ctx) if plan.store else frozenset()  # bad tags fail before any work
+        given_tags = self.given_tags(ctx) if plan.store else frozenset()  # bad tags fail before any work
         key = ctx.cache_key = cache_key(request, tenant, plan.namespace)
         generation = self.chain.generation
         stale: Entry | None = None
         if plan.lookup:
             found = await self.chain.get(key, plan.max_age_s)
-            if found.entry is not None:
+            if found.entry is not None and found.entry.value.startswith(_VALUE_PREFIX):
                 return self._answer(request, ctx, found.entry, f"hit-{found.tier}")
-            if found.stale is not None and self.chain.clock() <= found.stale.fresh_until + plan.stale_if_error_s:
+            if (
+                found.stale is not None
+                and found.stale.value.startswith(_VALUE_PREFIX)
+                and self.chain.clock() <= found.stale.fresh_until + plan.stale_if_error_s
+            ):
                 stale = found.stale
         try:
             result = await call_next(request, ctx)
@@ -105,6 +111,7 @@ class CacheStage:
             return self._answer(request, ctx, stale, "stale")
         if not plan.store or ctx.coalesced:
             return result
+        tags = given_tags | self.service.rules.derive(request.body)
         fill = _Pending(self, request, ctx, plan, tenant, key, tags, generation)
         if isinstance(result, Completion):
             fill.store(result.body)
@@ -173,8 +180,9 @@ class CacheStage:
         policy = self._policies[(model, key_name)] = _Policy(enabled, ttl_s, sampled, min(stale, s.stale_if_error_s))
         return policy
 
-    def tags(self, request: Request, ctx: RequestContext) -> frozenset[str]:
-        tags = self.service.rules.derive(request.body)
+    def given_tags(self, ctx: RequestContext) -> frozenset[str]:
+        """The client's tags (``x-atajo-cache-tags``), checked; the rules' tags are added on a miss only."""
+        tags: set[str] = set()
         given = ctx.headers.get("x-atajo-cache-tags")
         if given:
             for tag in (t.strip() for t in given.split(",")):
@@ -193,13 +201,13 @@ class CacheStage:
     # --- answering from the cache -----------------------------------------------------------------
 
     def _answer(self, request: Request, ctx: RequestContext, entry: Entry, status: str) -> Result:
-        stored = orjson.loads(entry.value)
-        body: JSONObject = stored["body"]
-        usage = Usage.from_openai(body.get("usage"))
+        head, _, raw = entry.value.partition(b"\n")
+        stored = orjson.loads(head)
+        usage = Usage.from_openai(stored.get("usage"))
         ctx.cache_status = status
         ctx.cache_age_s = max(0.0, self.chain.clock() - entry.created_at)
         ctx.routed_model = ctx.routed_model or request.model
-        ctx.response_model = body.get("model")
+        ctx.response_model = stored.get("model")
         ctx.cost_micros = 0
         ctx.simulated = bool(stored.get("simulated"))  # a simulated answer stays labelled as one
         upstream_model = stored.get("upstream_model")
@@ -208,8 +216,8 @@ class CacheStage:
             self.metrics.cache_saved.labels(self.metrics.model_label(request.model)).inc(info.cost_micros(usage))
         if request.stream:
             include_usage = bool(getattr(request, "include_usage", False))
-            return ChunkStream(_replay(chunks_from_completion(body, include_usage)), usage)
-        return Completion(body, usage)
+            return ChunkStream(_replay(chunks_from_completion(orjson.loads(raw), include_usage)), usage)
+        return Completion(usage=usage, raw=raw)
 
 
 async def _replay(chunks: list[JSONObject]) -> AsyncGenerator[JSONObject, None]:
@@ -240,15 +248,17 @@ class _Pending:
         complete = is_complete_chat(body) if self.request.operation == "chat" else is_complete_embeddings(body)
         if not complete:
             return
-        value = orjson.dumps(
+        head = orjson.dumps(
             {
                 "v": VALUE_VERSION,
                 "op": self.request.operation,
-                "body": body,
+                "model": body.get("model"),
+                "usage": body.get("usage"),
                 "upstream_model": self.ctx.upstream_model,
                 "simulated": self.ctx.simulated,
             }
         )
+        value = head + b"\n" + orjson.dumps(body)
         self.stage.chain.store(
             Fill(
                 self.key,
