@@ -45,6 +45,19 @@ async def test_round_trip_keeps_bytes_tags_and_times_exactly(backend: CacheBacke
     assert await backend.get("acme/ns/gpt-4o/other") is None
 
 
+async def test_set_many_stores_a_batch_in_order(backend: CacheBackend) -> None:
+    first = make_entry("t1/ns/m/a", tags=["user:1"], value=b"first")
+    again = make_entry("t1/ns/m/a", tags=["user:2"], value=b"again")  # the same key later in the batch wins
+    other = make_entry("t1/ns/m/b", tags=["user:1"], value=b"other")
+    await backend.set_many([first, other, again])
+    stored = await backend.get("t1/ns/m/a")
+    assert stored is not None and stored.value == b"again" and stored.tags == {"user:2"}
+    assert await backend.invalidate(Selector("t1", frozenset({"user:1"}))) == 1, "only b still carries user:1"
+    assert await backend.get("t1/ns/m/a") is not None
+    assert await backend.get("t1/ns/m/b") is None
+    await backend.set_many([])
+
+
 async def test_empty_value_and_no_tags(backend: CacheBackend) -> None:
     entry = make_entry("acme/ns/m/empty", value=b"")
     await backend.set(entry)

@@ -395,3 +395,9 @@ async def test_200_concurrent_identical_requests_on_a_cold_cache_make_one_upstre
     statuses = Counter(status for _, status, _ in results)
     coalesced = sum(1 for _, _, flag in results if flag == "true")
     assert coalesced + statuses["hit-memory"] == 199, (statuses, coalesced)
+    async with httpx.AsyncClient() as http:
+        metrics = (await http.get(gw.url + "/metrics")).text
+    # tokens and spend are counted once: for the one call the provider answered
+    labels = 'gen_ai_operation_name="chat",gen_ai_request_model="fast",gen_ai_token_type="input"'
+    assert "gen_ai_client_token_usage_count{" + labels + "} 1.0" in metrics
+    assert "atajo_coalesced_requests_total " + str(float(coalesced)) in metrics

@@ -11,7 +11,7 @@ Keys look like ``{tenant}/{namespace}/{model}/{digest}`` (see ``atajo.core.cache
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -98,6 +98,9 @@ class CacheBackend(Protocol):
 
     async def set(self, entry: Entry) -> None:
         """Store ``entry``, replacing any entry under its key, tags included."""
+
+    async def set_many(self, entries: Sequence[Entry]) -> None:
+        """``set`` each entry, in order; the tier's writer batches what queued up (SQL: one transaction)."""
 
     async def invalidate(self, selector: Selector) -> int:
         """Drop every entry the selector matches; return how many were dropped."""

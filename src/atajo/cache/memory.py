@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from atajo.cache.entry import Clock, Entry, Selector, TierStats
 
@@ -85,6 +85,10 @@ class MemoryBackend:
             oldest = next(iter(self._entries))
             self._remove(oldest)
             self._evictions += 1
+
+    async def set_many(self, entries: Sequence[Entry]) -> None:
+        for entry in entries:
+            await self.set(entry)
 
     async def invalidate(self, selector: Selector) -> int:
         tenants = [selector.tenant] if selector.tenant is not None else list(self._by_namespace)

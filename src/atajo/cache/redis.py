@@ -233,6 +233,10 @@ class RedisBackend:
 
     # --- dropping ---------------------------------------------------------------------------------
 
+    async def set_many(self, entries: Sequence[Entry]) -> None:
+        for entry in entries:  # one MULTI/EXEC each: an entry and its index sets change together
+            await self.set(entry)
+
     async def invalidate(self, selector: Selector) -> int:
         if selector.tags:
             return await self._run("tags", selector.tenant, selector, sorted(selector.tags), ())

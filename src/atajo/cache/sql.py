@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import os
 import re
+import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,7 +189,7 @@ class SqlBackend:
 
     async def get(self, key: str) -> Entry | None:
         db = self._db or await self._open()
-        async with db.session() as s:
+        async with db.read_session() as s:
             rows = await s.fetch(self._get, key)
         if not rows:
             return None
@@ -207,25 +208,27 @@ class SqlBackend:
         )
 
     async def set(self, entry: Entry) -> None:
+        await self.set_many([entry])
+
+    async def set_many(self, entries: Sequence[Entry]) -> None:
+        """One transaction for the batch: on SQLite every statement is a hop to aiosqlite's thread, so a
+        batch of N costs the hops of one."""
+        if not entries:
+            return
         db = self._db or await self._open()
-        alive = entry.keep_until > self._clock()
-        async with db.transaction() as tx:
+        now = self._clock()
+        ops: list[tuple[str, tuple[object, ...]]] = []
+        for entry in entries:
+            alive = entry.keep_until > now
             if not alive:  # already gone: only the replaced version has to go
-                await tx.execute(self._delete_entry, entry.key)
+                ops.append((self._delete_entry, (entry.key,)))
             else:
-                await tx.execute(
-                    self._upsert,
-                    entry.key,
-                    entry.tenant,
-                    entry.namespace,
-                    entry.value,
-                    entry.created_at,
-                    entry.fresh_until,
-                    entry.keep_until,
-                )
-            await tx.execute(self._delete_tags_of_key, entry.key)
+                row = (entry.key, entry.tenant, entry.namespace, entry.value)
+                ops.append((self._upsert, (*row, entry.created_at, entry.fresh_until, entry.keep_until)))
+            ops.append((self._delete_tags_of_key, (entry.key,)))
             if entry.tags and alive:
-                await tx.execute(self._insert_tags, entry.tenant, entry.key, self.dialect.list_arg(sorted(entry.tags)))
+                ops.append((self._insert_tags, (entry.tenant, entry.key, self.dialect.list_arg(sorted(entry.tags)))))
+        await db.write_batch(ops)
 
     # --- dropping ---------------------------------------------------------------------------------
 
@@ -310,11 +313,43 @@ class _SqliteSession:
             return list(await cursor.fetchall())
 
 
-class _Sqlite:
-    """One aiosqlite connection in autocommit mode; transactions are explicit (BEGIN IMMEDIATE)."""
+def _run_ops(conn: sqlite3.Connection, ops: Sequence[tuple[str, tuple[object, ...]]]) -> None:
+    """In aiosqlite's thread: the statements of one write transaction."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for statement, args in ops:
+            conn.execute(statement, args)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
-    def __init__(self, conn: Any) -> None:
+
+class _DirectSession:
+    """Reads on the calling thread (the event loop): see ``_Sqlite``."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
+
+    async def execute(self, statement: str, *args: object) -> None:
+        raise RuntimeError("the direct session only reads")
+
+    async def fetch(self, statement: str, *args: object) -> list[Sequence[Any]]:
+        return self._conn.execute(statement, args).fetchall()
+
+
+class _Sqlite:
+    """One aiosqlite connection in autocommit mode for writes, whose transactions are explicit (BEGIN
+    IMMEDIATE), and a plain ``sqlite3`` connection for lookups, used on the event loop itself.
+
+    A lookup is a primary-key read of a local file that WAL mode never makes wait for the writer: it takes
+    tens of microseconds, less than the two thread hand-offs of going through aiosqlite's thread, which
+    were most of an SQLite hit's cost (measured in docs/benchmarks.md).
+    """
+
+    def __init__(self, conn: Any, reader: sqlite3.Connection | None = None) -> None:
+        self._conn = conn
+        self._reader = reader
         self._lock = asyncio.Lock()
 
     @classmethod
@@ -332,10 +367,22 @@ class _Sqlite:
             async with db.transaction() as tx:
                 for statement in schema:
                     await tx.execute(statement)
+            if path != ":memory:":  # a second connection to :memory: would be another database
+                reader = sqlite3.connect(path, isolation_level=None)
+                reader.execute("PRAGMA query_only=ON")
+                db._reader = reader
         except BaseException:
             await conn.close()
             raise
         return db
+
+    @contextlib.asynccontextmanager
+    async def read_session(self) -> AsyncIterator[_Session]:
+        if self._reader is None:
+            async with self.session() as s:
+                yield s
+        else:
+            yield _DirectSession(self._reader)
 
     @contextlib.asynccontextmanager
     async def session(self) -> AsyncIterator[_Session]:
@@ -356,6 +403,14 @@ class _Sqlite:
                 raise
             await self._conn.execute("COMMIT")
 
+    async def write_batch(self, ops: Sequence[tuple[str, tuple[object, ...]]]) -> None:
+        """``ops`` in one transaction, in ONE trip to aiosqlite's thread rather than one per statement (each
+        trip costs a thread hand-off both ways; measured in docs/benchmarks.md). aiosqlite has no public call
+        for running a function in its thread; ``_execute`` is the one its own methods use."""
+        async with self._lock:
+            await self._settle()
+            await self._conn._execute(_run_ops, self._conn._conn, ops)
+
     async def _settle(self) -> None:
         """Roll back what a cancelled call left open (its statements still ran, in aiosqlite's thread), so
         the file's write lock is not held and the next BEGIN does not fail."""
@@ -363,6 +418,8 @@ class _Sqlite:
             await self._conn.execute("ROLLBACK")
 
     async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
         await self._conn.close()
 
 
@@ -409,6 +466,14 @@ class _Postgres:
     async def session(self) -> AsyncIterator[_Session]:
         async with self._pool.acquire() as conn:
             yield _PostgresSession(conn)
+
+    async def write_batch(self, ops: Sequence[tuple[str, tuple[object, ...]]]) -> None:
+        async with self.transaction() as tx:
+            for statement, args in ops:
+                await tx.execute(statement, *args)
+
+    def read_session(self) -> contextlib.AbstractAsyncContextManager[_Session]:
+        return self.session()
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[_Session]:

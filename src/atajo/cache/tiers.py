@@ -29,6 +29,8 @@ log = logging.getLogger("atajo.cache")
 
 RETRY_AFTER_S = 1.0
 """How long a failed tier is skipped before it is tried again."""
+WRITE_BATCH = 64
+"""Writes queued for a tier are stored together, up to this many at a time."""
 RECENT_INVALIDATIONS = 4096
 """Invalidations remembered to veto in-flight writes; a write older than all of them is dropped."""
 
@@ -59,6 +61,8 @@ class Tier:
     timeout_s: float
     local: bool
     """Per-process (memory): remote invalidations must be applied to it; shared tiers are done at the source."""
+    write_linger_s: float = 0.0
+    """How long the writer waits for more writes to batch with the first one (SQL: one commit per batch)."""
     down_until: float = 0.0
     queue: asyncio.Queue[tuple[Entry, int]] = field(default_factory=lambda: asyncio.Queue(10_000))
     writer: asyncio.Task[None] | None = None
@@ -213,21 +217,37 @@ class TierChain:
 
     async def _write_loop(self, tier: Tier) -> None:
         while True:
-            entry, generation = await tier.queue.get()
+            batch = [await tier.queue.get()]
+            if tier.write_linger_s:
+                await asyncio.sleep(tier.write_linger_s)
+            while len(batch) < WRITE_BATCH and not tier.queue.empty():
+                batch.append(tier.queue.get_nowait())
             try:
-                if self._vetoed(entry, generation):
-                    self.observer.write(tier.name, "vetoed")
-                elif not self._usable(tier):
-                    self.observer.write(tier.name, "dropped")
-                else:
+                entries = []
+                for entry, generation in batch:
+                    if self._vetoed(entry, generation):
+                        self.observer.write(tier.name, "vetoed")
+                    else:
+                        entries.append(entry)
+                if not entries:
+                    continue
+                if not self._usable(tier):
+                    for _ in entries:
+                        self.observer.write(tier.name, "dropped")
+                    continue
+                try:
                     async with asyncio.timeout(max(tier.timeout_s, 1.0)):
-                        await tier.backend.set(entry)
+                        await tier.backend.set_many(entries)
+                except Exception as exc:  # fail open: a lost write is a later miss
+                    self._failed(tier, "set", exc)
+                    for _ in entries:
+                        self.observer.write(tier.name, "error")
+                    continue
+                for _ in entries:
                     self.observer.write(tier.name, "ok")
-            except Exception as exc:  # fail open: a lost write is a later miss
-                self._failed(tier, "set", exc)
-                self.observer.write(tier.name, "error")
             finally:
-                tier.queue.task_done()
+                for _ in batch:
+                    tier.queue.task_done()
 
     def _vetoed(self, entry: Entry, generation: int) -> bool:
         if generation >= self.generation:

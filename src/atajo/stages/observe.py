@@ -70,8 +70,8 @@ class ObserveStage:
         )
 
     def _tokens(self, request: Request, ctx: RequestContext, usage: Usage | None) -> None:
-        if usage is None:
-            return
+        if usage is None or ctx.coalesced or ctx.cache_status.startswith(("hit", "stale")):
+            return  # answered from the cache or shared from another request: no provider tokens were used
         model = self.metrics.model_label(ctx.routed_model or request.model)
         info = self.catalog.get(ctx.upstream_model) if ctx.upstream_model else None
         if info is not None:
