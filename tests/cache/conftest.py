@@ -121,7 +121,9 @@ def postgres_tables() -> Iterator[str]:
 
         conn = await asyncpg.connect(POSTGRES_URL, timeout=2)
         try:
-            await conn.execute(f"DROP TABLE IF EXISTS {table_prefix}entries, {table_prefix}tags")
+            await conn.execute(
+                f"DROP TABLE IF EXISTS {table_prefix}entries, {table_prefix}tags, {table_prefix}invalidations"
+            )
         finally:
             await conn.close()
 

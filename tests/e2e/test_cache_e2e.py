@@ -5,6 +5,7 @@ clock, stale answers when the provider fails, and invalidation through the API."
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -401,3 +402,24 @@ async def test_200_concurrent_identical_requests_on_a_cold_cache_make_one_upstre
     labels = 'gen_ai_operation_name="chat",gen_ai_request_model="fast",gen_ai_token_type="input"'
     assert "gen_ai_client_token_usage_count{" + labels + "} 1.0" in metrics
     assert "atajo_coalesced_requests_total " + str(float(coalesced)) in metrics
+
+
+def test_without_redis_an_invalidation_reaches_other_processes_memory_through_the_sql_log(
+    gateway: GatewayFactory, openai_upstream: Upstream, tmp_path: Path
+) -> None:
+    """Workers (or instances) sharing only the SQLite file: each one's memory copy is dropped too."""
+    _, up = openai_upstream
+    first, second = gateway(config(up, tmp_path)), gateway(config(up, tmp_path))
+    assert ask(first, headers={"x-atajo-cache-tags": "doc:1"})[0] == "miss"
+    drain(first)
+    assert ask(second)[0] == "hit-sql"
+    drain(second)
+    assert ask(second)[0] == "hit-memory"
+    resp = admin(first, "/v1/cache/invalidate", {"tags": ["doc:1"]}, key=KEY_A)
+    assert resp.json()["tiers"] == {"memory": 1, "sql": 1}
+    invalidated = time.monotonic()
+    while ask(second, headers={"cache-control": "no-store"})[0] != "miss":
+        assert time.monotonic() - invalidated < 2.0, "the second instance kept its memory copy"
+        time.sleep(0.02)
+    bus = second.app[SERVICES].cache
+    assert bus is not None and bus.bus is not None and bus.bus.received == 1

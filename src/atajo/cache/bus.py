@@ -1,9 +1,11 @@
-"""Cross-instance invalidation over Redis pub/sub.
+"""Cross-instance invalidation: over Redis pub/sub, or, with no Redis, over a log table in the shared SQL
+database (SQLite file or PostgreSQL) that every instance polls.
 
 The instance that takes an invalidation applies it to every tier, shared ones included, then publishes it;
 every other instance drops the matching entries from its own per-process tier. Pub/sub does not replay what
 a disconnected subscriber missed, so after a reconnect the per-process tier is flushed as a whole: a few
-extra misses, never a stale answer.
+extra misses, never a stale answer. The SQL log keeps an hour of invalidations; an instance that could not
+read it for longer, or hit an error reading it, flushes likewise.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import orjson
 
@@ -54,6 +57,87 @@ class BusMessage:
 
 
 Handler = Callable[[BusMessage], Awaitable[None]]
+Reconnected = Callable[[], Awaitable[None]]
+
+
+class InvalidationBus(Protocol):
+    origin: str
+    received: int
+
+    async def start(self, on_message: Handler, on_reconnect: Reconnected) -> None: ...
+
+    async def publish(self, message: BusMessage) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class InvalidationLog(Protocol):
+    """What the SQL backend offers the SQL bus."""
+
+    async def append_invalidation(self, message: bytes) -> None: ...
+
+    async def invalidations_after(self, after_id: int) -> list[tuple[int, bytes]]: ...
+
+    async def invalidation_ids(self) -> tuple[int, int]: ...
+
+
+SQL_POLL_S = 0.25
+
+
+class SqlBus:
+    """Invalidations through the shared database: appended to a log table, polled by every instance."""
+
+    def __init__(self, log: InvalidationLog, *, poll_s: float = SQL_POLL_S) -> None:
+        self.log = log
+        self.poll_s = poll_s
+        self.origin = secrets.token_hex(8)
+        self.received = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, on_message: Handler, on_reconnect: Reconnected) -> None:
+        try:
+            last, _ = await self.log.invalidation_ids()
+        except Exception as exc:  # fail open: start from the next readable point, flushing local tiers then
+            log.warning("cache invalidation log unreadable at start-up (%s); retrying", type(exc).__name__)
+            last = -1
+        self._task = asyncio.create_task(self._poll(last, on_message, on_reconnect), name="atajo-cache-sql-bus")
+
+    async def _poll(self, last: int, on_message: Handler, on_reconnect: Reconnected) -> None:
+        lost = last < 0
+        while True:
+            await asyncio.sleep(self.poll_s)
+            try:
+                if lost:
+                    newest, oldest = await self.log.invalidation_ids()
+                    if last < 0 or oldest > last + 1:
+                        last = newest  # what was missed is gone from the log: drop everything local
+                    lost = False
+                    await on_reconnect()
+                for row_id, raw in await self.log.invalidations_after(last):
+                    last = row_id
+                    try:
+                        origin, message = BusMessage.decode(raw)
+                    except (ValueError, KeyError, TypeError):
+                        log.warning("cache invalidation log: ignoring a malformed row %d", row_id)
+                        continue
+                    if origin != self.origin:
+                        self.received += 1
+                        await on_message(message)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # fail open: keep serving; flush local tiers once the log is back
+                if not lost:
+                    log.warning("cache invalidation log unreadable (%s); retrying", type(exc).__name__)
+                lost = True
+
+    async def publish(self, message: BusMessage) -> None:
+        await self.log.append_invalidation(message.encode(self.origin))
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
 
 class RedisBus:
@@ -66,7 +150,7 @@ class RedisBus:
         self._client: object | None = None
         self._task: asyncio.Task[None] | None = None
 
-    async def start(self, on_message: Handler, on_reconnect: Callable[[], Awaitable[None]]) -> None:
+    async def start(self, on_message: Handler, on_reconnect: Reconnected) -> None:
         """Subscribe (waiting up to a second for the first subscription), then listen in the background."""
         import redis.asyncio as aioredis
 

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from atajo.cache.backends import open_backend
-from atajo.cache.bus import BusMessage, RedisBus
+from atajo.cache.bus import BusMessage, InvalidationBus, RedisBus, SqlBus
 from atajo.cache.entry import Clock, Selector, TierStats
+from atajo.cache.sql import SqlBackend
 from atajo.cache.tags import DependencyGraph, TagRules
 from atajo.cache.tiers import CacheObserver, Tier, TierChain
 from atajo.settings import CacheSettings, CacheTierSettings
@@ -81,9 +82,19 @@ class CacheService:
         )
         self.rules = TagRules(settings.tag_rules)
         self.graph = DependencyGraph(settings.dependencies)
-        bus_url = settings.bus_url or next((t.url for t in settings.tiers if t.kind == "redis"), None)
-        self.bus = RedisBus(bus_url) if bus_url else None
+        self.bus = self._bus(settings)
         self._upkeep: list[asyncio.Task[None]] = []
+
+    def _bus(self, settings: CacheSettings) -> InvalidationBus | None:
+        """Redis pub/sub when there is Redis; else the shared SQL database's log, when there is a memory tier
+        whose copies other processes (``--workers``, other instances) must learn to drop."""
+        bus_url = settings.bus_url or next((t.url for t in settings.tiers if t.kind == "redis"), None)
+        if bus_url:
+            return RedisBus(bus_url)
+        sql = next((t.backend for t in self.chain.tiers if isinstance(t.backend, SqlBackend)), None)
+        if sql is not None and any(t.local for t in self.chain.tiers):
+            return SqlBus(sql)
+        return None
 
     @property
     def tier_names(self) -> list[str]:

@@ -21,6 +21,7 @@ import contextlib
 import os
 import re
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +37,14 @@ SQLITE_BUSY_TIMEOUT_S = 0.5
 """How long an SQLite write waits for another process's transaction before failing (the tier is skipped)."""
 
 
-def _schema(p: str, blob: str) -> list[str]:
-    """The whole schema. ``p``: the table prefix; ``blob``: the dialect's binary type."""
+def _schema(p: str, blob: str, serial: str) -> list[str]:
+    """The whole schema. ``p``: the table prefix; ``blob``: the dialect's binary type; ``serial``: an
+    ever-increasing integer key (never reused, so pollers of the invalidation log miss nothing)."""
     return [
+        f"CREATE TABLE IF NOT EXISTS {p}invalidations ("
+        f" id {serial},"
+        " at DOUBLE PRECISION NOT NULL,"
+        f" message {blob} NOT NULL)",
         f"CREATE TABLE IF NOT EXISTS {p}entries ("
         " key TEXT PRIMARY KEY,"
         " tenant TEXT NOT NULL,"
@@ -66,6 +72,7 @@ class _Dialect:
     """A table ``l`` with one text column ``value``, from one parameter (``list_arg`` of a list)."""
     tag_list: str
     """Aggregate of ``t.tag`` as one value (``tags_of`` reads it back)."""
+    serial: str
 
     def sql(self, statement: str) -> str:
         """``statement`` with this dialect's placeholders (written with ``?``, which no statement holds
@@ -84,8 +91,12 @@ class _Dialect:
         return frozenset(orjson.loads(raw) if self.name == "sqlite" else raw)
 
 
-SQLITE = _Dialect("sqlite", "BLOB", "json_each(?) AS l", "json_group_array(t.tag)")
-POSTGRES = _Dialect("postgresql", "BYTEA", "unnest(CAST(? AS TEXT[])) AS l(value)", "array_agg(t.tag)")
+SQLITE = _Dialect("sqlite", "BLOB", "json_each(?) AS l", "json_group_array(t.tag)", "INTEGER PRIMARY KEY AUTOINCREMENT")
+POSTGRES = _Dialect(
+    "postgresql", "BYTEA", "unnest(CAST(? AS TEXT[])) AS l(value)", "array_agg(t.tag)", "BIGSERIAL PRIMARY KEY"
+)
+INVALIDATION_LOG_KEEP_S = 3600.0
+"""Invalidation log rows older than this are pruned: an instance away longer flushes its memory tier."""
 
 
 class _Session(Protocol):
@@ -155,6 +166,11 @@ class SqlBackend:
             f" (SELECT coalesce(sum(length(tag)), 0) FROM {p}tags)"
         )
 
+        self._log_append = d.sql(f"INSERT INTO {p}invalidations (at, message) VALUES (?, ?)")
+        self._log_prune = d.sql(f"DELETE FROM {p}invalidations WHERE at < ?")
+        self._log_after = d.sql(f"SELECT id, message FROM {p}invalidations WHERE id > ? ORDER BY id LIMIT 1000")
+        self._log_last = d.sql(f"SELECT coalesce(max(id), 0), coalesce(min(id), 0) FROM {p}invalidations")
+
     def __repr__(self) -> str:
         return f"SqlBackend({self.dialect.name}: {self.database!r}, table_prefix={self.table_prefix!r})"
 
@@ -178,7 +194,7 @@ class SqlBackend:
             return self._db
         async with self._opening:
             if self._db is None:
-                schema = _schema(self.table_prefix, self.dialect.blob)
+                schema = _schema(self.table_prefix, self.dialect.blob, self.dialect.serial)
                 if self.dialect is SQLITE:
                     self._db = await _Sqlite.open(self.database, schema)
                 else:
@@ -229,6 +245,26 @@ class SqlBackend:
             if entry.tags and alive:
                 ops.append((self._insert_tags, (entry.tenant, entry.key, self.dialect.list_arg(sorted(entry.tags)))))
         await db.write_batch(ops)
+
+    # --- the invalidation log (the bus between instances that share this database and no Redis) ------
+
+    async def append_invalidation(self, message: bytes) -> None:
+        db = self._db or await self._open()
+        now = time.time()  # real time: rows age out for every instance alike, whatever clock tests inject
+        await db.write_batch([(self._log_append, (now, message)), (self._log_prune, (now - INVALIDATION_LOG_KEEP_S,))])
+
+    async def invalidations_after(self, after_id: int) -> list[tuple[int, bytes]]:
+        db = self._db or await self._open()
+        async with db.read_session() as s:
+            rows = await s.fetch(self._log_after, after_id)
+        return [(int(row[0]), bytes(row[1])) for row in rows]
+
+    async def invalidation_ids(self) -> tuple[int, int]:
+        """(last, first) ids in the log, 0 when empty."""
+        db = self._db or await self._open()
+        async with db.read_session() as s:
+            rows = await s.fetch(self._log_last)
+        return int(rows[0][0]), int(rows[0][1])
 
     # --- dropping ---------------------------------------------------------------------------------
 
