@@ -102,12 +102,12 @@ def build_services(
     upstream = UpstreamStage(table, providers, breakers, RetryPolicy.from_settings(settings.retry), metrics, sleep)
     stages: list[Stage] = [ObserveStage(metrics, catalog)]
     cache: CacheService | None = None
+    # Single-flight groups requests by the cache key, so it joins when the cache is on.
+    flight: SingleFlight[SharedOutcome] = SingleFlight()
     if settings.cache.enabled:
         cache = CacheService(settings.cache, clock=wall_clock, monotonic=clock, observer=metrics.cache)
         key_policies = {key.name: key.cache for key in settings.auth.keys}
-        stages.append(CacheStage(cache, settings.cache, key_policies, catalog, metrics))
-    # Single-flight groups requests by the cache key, so it joins when the cache is on.
-    flight: SingleFlight[SharedOutcome] = SingleFlight()
+        stages.append(CacheStage(cache, settings.cache, key_policies, catalog, metrics, in_flight=flight.busy))
     stages.append(CoalesceStage(flight))
     pipeline = build_pipeline(stages, upstream)
     server = GatewayServer(

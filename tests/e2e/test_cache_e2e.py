@@ -402,6 +402,8 @@ async def test_200_concurrent_identical_requests_on_a_cold_cache_make_one_upstre
     labels = 'gen_ai_operation_name="chat",gen_ai_request_model="fast",gen_ai_token_type="input"'
     assert "gen_ai_client_token_usage_count{" + labels + "} 1.0" in metrics
     assert "atajo_coalesced_requests_total " + str(float(coalesced)) in metrics
+    # copies that found the call in flight joined it without looking up the tiers first
+    assert 'atajo_cache_lookups_total{outcome="miss",tier="sql"} 1.0' in metrics
 
 
 def test_without_redis_an_invalidation_reaches_other_processes_memory_through_the_sql_log(

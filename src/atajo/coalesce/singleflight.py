@@ -55,6 +55,10 @@ class SingleFlight(Generic[T]):
     def in_flight(self) -> int:
         return len(self._flights)
 
+    def busy(self, key: str) -> bool:
+        """Whether a call for ``key`` is in flight now (a caller would join it)."""
+        return key in self._flights
+
     def stats(self) -> FlightStats:
         return FlightStats(self.leaders, self.followers, len(self._flights))
 

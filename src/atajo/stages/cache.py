@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 
 import orjson
@@ -73,8 +73,12 @@ class CacheStage:
         key_policies: Mapping[str, CachePolicy],
         catalog: Catalog,
         metrics: GatewayMetrics,
+        in_flight: Callable[[str], bool] | None = None,
     ) -> None:
         self.service = service
+        self.in_flight = in_flight
+        """Whether an identical request is being answered now: it is then joined (coalesce stage) without
+        looking up the slower tiers, whose answer would arrive after the call it could have shared."""
         self.chain = service.chain
         self.settings = settings
         self.key_policies = dict(key_policies)
@@ -92,7 +96,8 @@ class CacheStage:
         key = ctx.cache_key = cache_key(request, tenant, plan.namespace)
         generation = self.chain.generation
         stale: Entry | None = None
-        if plan.lookup:
+        joining = not request.stream and self.in_flight is not None and self.in_flight(key)
+        if plan.lookup and not joining:
             found = await self.chain.get(key, plan.max_age_s)
             if found.entry is not None and found.entry.value.startswith(_VALUE_PREFIX):
                 return self._answer(request, ctx, found.entry, f"hit-{found.tier}")
