@@ -18,6 +18,7 @@ import click
 
 from atajo import __version__
 from atajo.cli.cache import cache
+from atajo.cli.semantic import calibrate, eval_semantic
 from atajo.errors import ConfigError
 from atajo.settings import Settings, load_settings
 
@@ -176,6 +177,15 @@ def _setup_logging(level: str) -> None:
 
 
 cli.add_command(cache)
+cache.add_command(calibrate)
+
+
+@cli.group("eval")
+def evaluate() -> None:
+    """Measure the gateway's decisions on labelled data."""
+
+
+evaluate.add_command(eval_semantic)
 
 
 def main() -> None:

@@ -1,0 +1,132 @@
+"""``atajo eval semantic`` and ``atajo cache calibrate``: measure and fit the semantic cache's match decision.
+
+Both run the serving code (the local embedder, ``VectorIndex`` and ``Decider``) over labelled pairs
+(formats in ``atajo.cache.semantic.evaluate``), show progress on stderr, and print one JSON object on the
+last line of stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import click
+
+PAIRS_HELP = "JSON lines of {origin, similar} or {text_a, text_b, duplicate}."
+CACHE_HELP = "An .npz file that keeps embeddings between runs (development; created if absent)."
+LIMIT_HELP = "Use at most this many pairs, chosen deterministically by hash (for quick runs)."
+
+
+def _progress(length: int, label: str) -> AbstractContextManager[Any]:
+    return click.progressbar(length=length, label=label, file=sys.stderr, show_pos=True)
+
+
+def _embedder(cache_file: str | None) -> Any:
+    from atajo.cache.semantic.embedder import Embedder, EmbedderUnavailable
+    from atajo.cache.semantic.evaluate import CachedEmbed
+
+    embedder = Embedder()
+    try:
+        embedder.load()
+    except EmbedderUnavailable as exc:
+        raise click.ClickException(str(exc)) from exc
+    return CachedEmbed(embedder.embed, cache_file) if cache_file else embedder.embed
+
+
+def _read_params(path: str | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    import yaml
+
+    data: Any = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    for part in ("cache", "semantic", "decision"):  # a whole config file, or just the decision's dict
+        if isinstance(data, dict) and part in data:
+            data = data[part]
+    if not isinstance(data, dict) or "weights" not in data:
+        raise click.ClickException(f"{path}: no semantic decision parameters (cache.semantic.decision)")
+    return data
+
+
+@click.command("semantic")
+@click.option("--pairs", "pairs_file", required=True, type=click.Path(exists=True, dir_okay=False), help=PAIRS_HELP)
+@click.option("--plot", "plot_file", type=click.Path(dir_okay=False), help="Draw precision and hit rate by threshold.")
+@click.option(
+    "--split",
+    type=click.Choice(["all", "fit", "calibrate", "test"]),
+    default="all",
+    show_default=True,
+    help="Evaluate only one hash split of the pairs (test: never used by calibrate).",
+)
+@click.option("--params", type=click.Path(exists=True, dir_okay=False), help="Config or YAML with decision params.")
+@click.option("--limit", type=int, help=LIMIT_HELP)
+@click.option("--embeddings-cache", type=click.Path(dir_okay=False), help=CACHE_HELP)
+def eval_semantic(
+    pairs_file: str,
+    plot_file: str | None,
+    split: str,
+    params: str | None,
+    limit: int | None,
+    embeddings_cache: str | None,
+) -> None:
+    """Run the semantic cache's match decision over labelled pairs and print its figures."""
+    from atajo.cache.semantic.decision import Decider
+    from atajo.cache.semantic.evaluate import CachedEmbed, load_pairs, plot, run, summarize, sweep
+
+    try:
+        pairs = load_pairs(pairs_file, split, limit)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    loaded = _read_params(params)
+    decider = Decider.from_dict(loaded) if loaded else Decider.default()
+    embed = _embedder(embeddings_cache)
+    outcomes = run(pairs, embed, decider, _progress)
+    if isinstance(embed, CachedEmbed):
+        embed.save()
+    if plot_file:
+        try:
+            plot(sweep(outcomes, decider), decider, plot_file, f"{Path(pairs_file).name} ({split})")
+        except RuntimeError as exc:
+            raise click.ClickException(str(exc)) from exc
+    click.echo(json.dumps(summarize(pairs.kind, outcomes) | {"split": split}))
+
+
+@click.command("calibrate")
+@click.option("--pairs", "pairs_file", required=True, type=click.Path(exists=True, dir_okay=False), help=PAIRS_HELP)
+@click.option("--target-error", type=float, default=0.02, show_default=True, help="Highest share of wrong hits.")
+@click.option(
+    "--write",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    help="YAML config to write the result into, under cache.semantic.decision (created if absent).",
+)
+@click.option("--limit", type=int, help=LIMIT_HELP)
+@click.option("--embeddings-cache", type=click.Path(dir_okay=False), help=CACHE_HELP)
+def calibrate(
+    pairs_file: str, target_error: float, config_file: str | None, limit: int | None, embeddings_cache: str | None
+) -> None:
+    """Fit the semantic match decision to a target error rate; report it on held-out pairs."""
+    from atajo.cache.semantic import evaluate
+
+    if not 0.0 < target_error < 1.0:
+        raise click.BadParameter("must be between 0 and 1", param_hint="--target-error")
+    embed = _embedder(embeddings_cache)
+    try:
+        decider, report = evaluate.calibrate(pairs_file, embed, target_error, _progress, limit)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        if isinstance(embed, evaluate.CachedEmbed):
+            embed.save()
+    if config_file:
+        import yaml
+
+        path = Path(config_file)
+        config: Any = yaml.safe_load(path.read_text(encoding="utf-8")) if path.exists() else {}
+        config = config or {}
+        config.setdefault("cache", {}).setdefault("semantic", {})["decision"] = decider.to_dict()
+        path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        click.echo(f"wrote cache.semantic.decision into {path}", err=True)
+    click.echo(json.dumps(report))

@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from atajo.cache.semantic.embedder import Embedder
+from atajo.cache.semantic.evaluate import load_pairs, split_of
+from atajo.cli.semantic import calibrate, eval_semantic
+
+ORIGIN_PAIRS = [
+    {"origin": "How do I reset my password?", "similar": "How can I change my password?"},
+    {"origin": "What is the capital of France?", "similar": "Which city is the capital of France?"},
+    {"origin": "How many calories are in 2 eggs?", "similar": "How many calories are in 3 eggs?"},
+]
+DUPLICATE_PAIRS = [
+    {"text_a": "How do I reset my password?", "text_b": "How can I change my password?", "duplicate": True},
+    {"text_a": "Is it safe to eat raw eggs?", "text_b": "Is it not safe to eat raw eggs?", "duplicate": False},
+    {"text_a": "What is the capital of France?", "text_b": "How tall is the Eiffel tower?", "duplicate": False},
+]
+
+
+def write(path: Path, rows: list[dict[str, object]]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.usefixtures("embedder")
+@pytest.mark.parametrize(("rows", "positives"), [(ORIGIN_PAIRS, 3), (DUPLICATE_PAIRS, 1)])
+def test_eval_prints_its_figures_as_json_on_the_last_line(
+    tmp_path: Path, rows: list[dict[str, object]], positives: int
+) -> None:
+    params = tmp_path / "config.yaml"
+    params.write_text("cache:\n  semantic:\n    decision:\n      weights: WEIGHTS\n      threshold: 0.3\n")
+    from atajo.cache.semantic.decision import Decider
+
+    params.write_text(params.read_text().replace("WEIGHTS", json.dumps(Decider.default().weights)))
+    result = CliRunner().invoke(eval_semantic, ["--pairs", write(tmp_path / "p.jsonl", rows), "--params", str(params)])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.output.strip().splitlines()[-1])
+    assert {"hits", "correct_hits", "wrong_hits", "precision", "recall"} <= figures.keys()
+    assert figures["pairs"] == 3
+    assert figures["positives"] == positives
+    assert figures["wrong_hits"] == 0  # the number and the negation never hit
+    assert figures["hits"] == figures["correct_hits"] >= 1
+
+
+def test_eval_rejects_an_unknown_format(tmp_path: Path) -> None:
+    result = CliRunner().invoke(eval_semantic, ["--pairs", write(tmp_path / "p.jsonl", [{"q": "x"}])])
+    assert result.exit_code != 0
+    assert "expected {origin, similar}" in result.output
+
+
+def test_splits_are_deterministic_and_disjoint(tmp_path: Path) -> None:
+    rows = [{"text_a": f"question {i}?", "text_b": f"query {i}?", "duplicate": i % 2 == 0} for i in range(300)]
+    path = write(tmp_path / "p.jsonl", rows)
+    parts = {s: {(p.stored, p.asked) for p in load_pairs(path, s).pairs} for s in ("fit", "calibrate", "test")}
+    assert sum(map(len, parts.values())) == 300
+    assert not (parts["fit"] & parts["test"]) and not (parts["calibrate"] & parts["test"])
+    assert all(parts["test"]) and {split_of(p) for p in load_pairs(path, "test").pairs} == {"test"}
+    assert len(load_pairs(path, "all", limit=10).pairs) == 10
+
+
+def test_calibrate_writes_the_decision_into_the_config(tmp_path: Path, embedder: Embedder) -> None:
+    rows: list[dict[str, object]] = []
+    for i in range(40):
+        rows.append({"text_a": f"How do I cook rice number {i}?", "text_b": f"How should I cook rice number {i}?",
+                     "duplicate": True})  # fmt: skip
+        rows.append({"text_a": f"Where is the river {i} delta?", "text_b": f"Where is the river {i} source?",
+                     "duplicate": False})  # fmt: skip
+    config = tmp_path / "atajo.yaml"
+    config.write_text("server:\n  port: 4000\n")
+    result = CliRunner().invoke(
+        calibrate, ["--pairs", write(tmp_path / "q.jsonl", rows), "--target-error", "0.1", "--write", str(config)]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    assert report["split"] == "test"
+    import yaml
+
+    written = yaml.safe_load(config.read_text())
+    assert written["server"] == {"port": 4000}
+    assert written["cache"]["semantic"]["decision"]["weights"] == report["decision"]["weights"]
