@@ -384,6 +384,8 @@ class Connection(asyncio.Protocol):
                 ms = (time.perf_counter() - request.started) * 1000
                 access.info('"%s %s HTTP/%s" %d %d %.1fms', request.method, request.path, request.version, status,
                             length, ms)  # fmt: skip
+        if self.lost:
+            return
         if not request.complete:
             self._linger()
         elif not self._keep_alive(request):
