@@ -275,3 +275,13 @@ async def test_gateway_keep_alive_and_pipelining(gateway: GatewayFactory) -> Non
     status, headers, _ = await read_response(reader)
     assert (status, headers["allow"]) == (405, "GET, HEAD")
     writer.close()
+
+
+async def test_http_1_0_stream_is_unframed_and_ends_with_the_close(edge: tuple[EdgeServer, Echo]) -> None:
+    reader, writer = await connect(edge[0].port)
+    writer.write(b"GET /stream HTTP/1.0\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert b"transfer-encoding" not in head
+    assert b"connection: close" in head
+    assert await asyncio.wait_for(reader.readexactly(9), 5) == b"data: x\n\n"
+    writer.close()

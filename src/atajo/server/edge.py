@@ -52,8 +52,9 @@ class Limits:
     """From a request's first byte to the end of its headers (slowloris)."""
     body_timeout_s: float = 30.0
     """Longest wait for the next body byte while a request's body is being read."""
-    keep_alive_s: float = 15.0
-    """An idle keep-alive connection is closed after this long."""
+    keep_alive_s: float = 75.0
+    """An idle keep-alive connection is closed after this long (aiohttp's default, which this edge replaced:
+    longer than clients' own idle timeouts, so a client never reuses a connection we are closing)."""
 
 
 class Response:
@@ -68,11 +69,12 @@ class Response:
 class Stream:
     """A chunked response being written; returned by the handler once it called :meth:`end`."""
 
-    __slots__ = ("_conn", "_head_only", "ended", "headers", "status")
+    __slots__ = ("_chunked", "_conn", "_head_only", "ended", "headers", "status")
 
-    def __init__(self, conn: Connection, status: int, headers: dict[str, str], head_only: bool) -> None:
+    def __init__(self, conn: Connection, status: int, headers: dict[str, str], head_only: bool, chunked: bool) -> None:
         self._conn = conn
         self._head_only = head_only
+        self._chunked = chunked  # HTTP/1.0 clients get the bytes as they are, the end marked by closing
         self.status = status
         self.headers = headers
         self.ended = False
@@ -82,13 +84,13 @@ class Stream:
         if self._conn.lost:
             raise ConnectionResetError("the client closed the connection")
         if data and not self._head_only:
-            self._conn.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+            self._conn.transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
             await self._conn.drain()
 
     async def end(self) -> None:
         if self._conn.lost:
             raise ConnectionResetError("the client closed the connection")
-        if not self._head_only:
+        if not self._head_only and self._chunked:
             self._conn.transport.write(b"0\r\n\r\n")
         self.ended = True
 
@@ -163,7 +165,7 @@ class Request:
         """Send the head of a chunked response; write the body through the returned :class:`Stream`."""
         self.stream_started = True
         self._conn.write(self._conn.head(self, status, headers, None))
-        return Stream(self._conn, status, headers, self.method == "HEAD")
+        return Stream(self._conn, status, headers, self.method == "HEAD", self.version != "1.0")
 
     def _feed(self, data: bytes) -> None:
         if self.too_large:
@@ -206,8 +208,9 @@ class Connection(asyncio.Protocol):
         self._in_headers = False
         self._queue: deque[Request] = deque()  # headers complete, waiting for their turn
         self._task: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_idle = False
+        self._timer: asyncio.TimerHandle | None = None  # reading: the header or body timeout
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_since: float | None = None  # when the connection last became idle; None while busy
         self._timer_mark = 0
         self._read_paused = False
         self._write_paused = False
@@ -226,6 +229,8 @@ class Connection(asyncio.Protocol):
         self.lost = True
         self.server.connections.discard(self)
         self._cancel_timer()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
         gone = ClientClosed("the client closed the connection")
         if self._reading is not None:
             self._reading._finish(gone)
@@ -256,8 +261,7 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.lingering:
             return
-        if self._timer_idle:
-            self._cancel_timer()
+        self._idle_since = None
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -411,7 +415,13 @@ class Connection(asyncio.Protocol):
         lines = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
         if lines.count("\n") != len(headers) or lines.count("\r") != len(headers):
             raise ValueError("a response header holds a line break")
-        framing = b"transfer-encoding: chunked\r\n" if length is None else b"content-length: %d\r\n" % length
+        if length is not None:
+            framing = b"content-length: %d\r\n" % length
+        elif request.version != "1.0":
+            framing = b"transfer-encoding: chunked\r\n"
+        else:
+            framing = b""
+            request.keep_alive = False  # HTTP/1.0 has no chunked encoding: the end of the stream is the close
         if not self._keep_alive(request) or (length is None and not request.complete):
             framing += b"connection: close\r\n"
             request.keep_alive = False
@@ -444,12 +454,12 @@ class Connection(asyncio.Protocol):
     # --- timers and flow control ------------------------------------------------------------------
 
     def _arm_idle(self) -> None:
-        self._cancel_timer()
-        self._timer_idle = True
-        self._timer = self.loop.call_later(self.limits.keep_alive_s, self._idle_timeout)
+        """One long-lived timer checks idleness, rather than a timer set and cancelled per request."""
+        self._idle_since = self.loop.time()
+        if self._idle_timer is None:
+            self._idle_timer = self.loop.call_later(self.limits.keep_alive_s, self._idle_timeout)
 
     def _arm_read(self) -> None:
-        self._timer_idle = False
         if self._in_headers:
             self._timer = self.loop.call_later(self.limits.header_timeout_s, self._read_timeout)
         else:
@@ -461,12 +471,20 @@ class Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._timer_idle = False
 
     def _idle_timeout(self) -> None:
-        self._timer = None
-        if self._task is None and not self._in_message:
-            self.transport.close()
+        self._idle_timer = None
+        if self.lost:
+            return
+        since = self._idle_since
+        if since is None or self._task is not None or self._in_message:
+            left = self.limits.keep_alive_s  # busy: look again a whole period later
+        else:
+            left = since + self.limits.keep_alive_s - self.loop.time()
+            if left <= 0:
+                self.transport.close()
+                return
+        self._idle_timer = self.loop.call_later(left, self._idle_timeout)
 
     def _read_timeout(self) -> None:
         self._timer = None
