@@ -81,7 +81,7 @@ class Stream:
 
     async def write(self, data: bytes) -> None:
         """Send one chunk now (SSE events are flushed one by one); waits while the client reads slowly."""
-        if self._conn.lost:
+        if self._conn.lost or self._conn.transport.is_closing():
             raise ConnectionResetError("the client closed the connection")
         if data and not self._head_only:
             self._conn.transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
@@ -347,10 +347,13 @@ class Connection(asyncio.Protocol):
                 await self._answer(request)
                 if self.lost or self.lingering or self.transport.is_closing():
                     return
+                await self.drain()  # a client that does not read its answers is sent no more, nor read from
                 if not self._queue:
                     break
                 request = self._queue.popleft()
                 self._resume_reading()
+        except ConnectionResetError:  # from drain: the client left
+            return
         finally:
             self._task = None
         if self._failed_status:
