@@ -52,7 +52,7 @@ class CacheAdmin:
                 if request.content_length is not None and request.content_length > MAX_BODY:
                     raise InvalidRequest("The request body is too large for a cache operation.")
                 raw = await request.body()
-                data = decode(raw) if raw.strip() else {}
+                data = decode(raw) if raw else {}  # no body: no options; whitespace is not JSON
             return json_response(await handle(principal, data), ctx)
         except AtajoError as err:
             return error_response(err, ctx)
