@@ -389,8 +389,10 @@ class Connection(asyncio.Protocol):
             access = self.server.access_log
             if access is not None:
                 ms = (time.perf_counter() - request.started) * 1000
-                access.info('"%s %s HTTP/%s" %d %d %.1fms', request.method, request.path, request.version, status,
-                            length, ms)  # fmt: skip
+                peer = self.transport.get_extra_info("peername")
+                client = peer[0] if isinstance(peer, tuple) else "-"
+                access.info('%s "%s %s HTTP/%s" %d %d %.1fms', client, request.method, request.path,
+                            request.version, status, length, ms)  # fmt: skip
         if self.lost:
             return
         if not request.complete:
