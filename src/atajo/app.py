@@ -1,4 +1,4 @@
-"""Composition root: settings → services → pipeline → aiohttp application, with start-up and shutdown.
+"""Composition root: settings → services → pipeline → a :class:`Gateway` (routes + lifecycle) served by the edge.
 
 The pipeline's order is declared here, once:
 
@@ -13,12 +13,12 @@ import asyncio
 import importlib
 import logging
 import re
+import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 
-from aiohttp import web
 from prometheus_client.core import Metric
 
 from atajo.auth.keys import KeyRing
@@ -34,7 +34,8 @@ from atajo.routing.breaker import BreakerBoard
 from atajo.routing.retry import RetryPolicy
 from atajo.routing.table import ModelTable
 from atajo.server.cache_admin import CacheAdmin
-from atajo.server.http import GatewayServer, errors_middleware
+from atajo.server.edge import EdgeServer, Limits, Reply, Request
+from atajo.server.http import GatewayServer, Router
 from atajo.settings import Settings
 from atajo.stages.cache import CacheStage
 from atajo.stages.coalesce import CoalesceStage, SharedOutcome
@@ -185,7 +186,51 @@ def cache_metrics(cache: CacheService) -> Iterable[Metric]:
     )  # fmt: skip
 
 
-SERVICES = web.AppKey("services", Services)
+class Gateway:
+    """The application: its services, its routes, and start-up / shutdown around serving them."""
+
+    def __init__(self, services: Services, router: Router) -> None:
+        self.services = services
+        self.router = router
+
+    async def dispatch(self, request: Request) -> Reply:
+        return await self.router.dispatch(request)
+
+    async def start(self) -> None:
+        await self.services.pool.start()
+        if self.services.cache is not None:
+            await self.services.cache.start()
+        self.services.server.accepting = True
+
+    async def stop(self) -> None:
+        """Readiness turns to 503 (load balancers stop sending) while in-flight requests finish."""
+        self.services.server.accepting = False
+
+    async def close(self) -> None:
+        if self.services.cache is not None:
+            await self.services.cache.close()
+        await self.services.pool.close()
+
+    async def serve(
+        self,
+        *,
+        sock: socket.socket | None = None,
+        host: str | None = None,
+        port: int | None = None,
+        access_log: logging.Logger | None = None,
+    ) -> EdgeServer:
+        """Start the services, then listen (on ``sock``, or ``host``:``port``)."""
+        await self.start()
+        edge = EdgeServer(self.router.dispatch, Limits(max_body_bytes=self.services.settings.server.max_body_bytes))
+        edge.access_log = access_log
+        await edge.listen(sock=sock, host=host, port=port)
+        return edge
+
+    async def shutdown(self, edge: EdgeServer, timeout_s: float = 10) -> None:
+        """Stop accepting, let in-flight requests finish (up to ``timeout_s``), then close the services."""
+        await self.stop()
+        await edge.shutdown(timeout_s)
+        await self.close()
 
 
 def build_app(
@@ -194,33 +239,12 @@ def build_app(
     sleep: Sleep = asyncio.sleep,
     clock: Callable[[], float] = time.monotonic,
     wall_clock: Callable[[], float] = time.time,
-) -> web.Application:
+) -> Gateway:
     services = build_services(settings, sleep=sleep, clock=clock, wall_clock=wall_clock)
-    app = web.Application(client_max_size=settings.server.max_body_bytes, middlewares=[errors_middleware])
-    app[SERVICES] = services
-    app.add_routes(services.server.routes())
+    router = Router(services.server.routes())
     if services.cache is not None:
-        admin = CacheAdmin(services.cache, services.keys.authenticate, services.server.request_id)
-        app.add_routes(admin.routes())
-
-    async def start(_: web.Application) -> None:
-        await services.pool.start()
-        if services.cache is not None:
-            await services.cache.start()
-        services.server.accepting = True
-
-    async def stop(_: web.Application) -> None:
-        services.server.accepting = False
-
-    async def close(_: web.Application) -> None:
-        if services.cache is not None:
-            await services.cache.close()
-        await services.pool.close()
-
-    app.on_startup.append(start)
-    app.on_shutdown.append(stop)
-    app.on_cleanup.append(close)
-    return app
+        router.add(CacheAdmin(services.cache, services.keys.authenticate, services.server.request_id).routes())
+    return Gateway(services, router)
 
 
 def describe_startup(settings: Settings, keys_open: bool) -> list[str]:

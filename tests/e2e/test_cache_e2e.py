@@ -14,7 +14,6 @@ import httpx
 import openai
 import pytest
 
-from atajo.app import SERVICES
 from tests.conftest import GatewayFactory, openai_model
 from tests.doubles import FakeClock
 from tests.upstreams.live import LiveServer
@@ -56,7 +55,7 @@ def ask(gw: LiveServer, key: str = KEY_A, headers: dict[str, str] | None = None,
 
 def drain(gw: LiveServer) -> None:
     """Wait for the writes behind the last responses (they never hold up a response)."""
-    cache = gw.app[SERVICES].cache
+    cache = gw.gateway.services.cache
     assert cache is not None
     gw.call(cache.chain.drain())
 
@@ -423,5 +422,5 @@ def test_without_redis_an_invalidation_reaches_other_processes_memory_through_th
     while ask(second, headers={"cache-control": "no-store"})[0] != "miss":
         assert time.monotonic() - invalidated < 2.0, "the second instance kept its memory copy"
         time.sleep(0.02)
-    bus = second.app[SERVICES].cache
+    bus = second.gateway.services.cache
     assert bus is not None and bus.bus is not None and bus.bus.received == 1

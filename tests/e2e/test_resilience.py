@@ -22,7 +22,7 @@ import pytest
 from openai.types.chat import ChatCompletionChunk
 from prometheus_client.parser import text_string_to_metric_families
 
-from atajo.app import SERVICES, Services, build_app
+from atajo.app import Services, build_app
 from atajo.settings import Settings
 from tests.doubles import FakeClock, RecordingSleep
 from tests.upstreams.live import LiveServer
@@ -79,7 +79,7 @@ def gateway() -> Iterator[GatewayFactory]:
         sleep, clock = RecordingSleep(), FakeClock()
         config.setdefault("cache", {"enabled": False})  # these tests count upstream calls
         app = build_app(Settings.model_validate(config), sleep=sleep, clock=clock)
-        services = app[SERVICES]
+        services = app.services
         server = LiveServer(app).start()
         started.append(server)
         return Gateway(server, services, sleep, clock)

@@ -10,10 +10,11 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from aiohttp import web
 from multidict import CIMultiDict
 
-from atajo.server.http import errors_middleware
+from atajo.app import Gateway, build_app
+from atajo.server.edge import Reply, Request
+from atajo.settings import Settings
 from tests.conftest import GatewayFactory
 from tests.upstreams.live import LiveServer
 
@@ -223,11 +224,11 @@ async def test_request_id_is_echoed_when_sane(gateway: GatewayFactory, http: aio
 
 
 async def test_unexpected_exception_is_a_plain_500(http: aiohttp.ClientSession) -> None:
-    async def broken(_: web.Request) -> web.Response:
+    async def broken(_: Request) -> Reply:
         raise KeyError("secret-internal-detail")
 
-    app = web.Application(middlewares=[errors_middleware])
-    app.router.add_get("/boom", broken)
+    app: Gateway = build_app(Settings.model_validate({"cache": {"enabled": False}}))
+    app.router.add([("GET", "/boom", broken)])
     with LiveServer(app) as server:
         async with http.get(server.url + "/boom", headers={"x-request-id": "r1"}) as resp:
             assert resp.status == 500
@@ -237,10 +238,8 @@ async def test_unexpected_exception_is_a_plain_500(http: aiohttp.ClientSession) 
 
 
 async def test_ready_is_503_while_not_accepting(gateway: GatewayFactory, http: aiohttp.ClientSession) -> None:
-    from atajo.app import SERVICES
-
     gw = gateway()
-    gw.app[SERVICES].server.accepting = False  # as during shutdown
+    gw.gateway.services.server.accepting = False  # as during shutdown
     async with http.get(gw.url + "/ready") as resp:
         assert resp.status == 503
         body = await resp.json()

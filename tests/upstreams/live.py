@@ -1,4 +1,5 @@
-"""Run an aiohttp application on 127.0.0.1 in a background thread with its own event loop."""
+"""Run a server on 127.0.0.1 in a background thread with its own event loop: an aiohttp application (the fake
+upstreams) or a :class:`~atajo.app.Gateway` on Atajo's own HTTP edge."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
+from atajo.app import Gateway
+from atajo.server.edge import EdgeServer
+
 T = TypeVar("T")
 
 
@@ -22,16 +26,22 @@ def free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, app: web.Application | Callable[[], Awaitable[web.Application]]) -> None:
+    def __init__(self, app: Gateway | web.Application | Callable[[], Awaitable[web.Application]]) -> None:
         self._app = app
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._runner: web.AppRunner | None = None
+        self._edge: EdgeServer | None = None
         self.port = 0
 
     @property
     def app(self) -> web.Application:
         assert isinstance(self._app, web.Application), "started from a factory"
+        return self._app
+
+    @property
+    def gateway(self) -> Gateway:
+        assert isinstance(self._app, Gateway), "not a gateway"
         return self._app
 
     @property
@@ -44,12 +54,15 @@ class LiveServer:
         return self
 
     async def _start(self) -> None:
-        app = self._app if isinstance(self._app, web.Application) else await self._app()
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1)
-        await self._runner.setup()
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
+        if isinstance(self._app, Gateway):
+            self._edge = await self._app.serve(sock=sock)
+            return
+        app = self._app if isinstance(self._app, web.Application) else await self._app()
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1)
+        await self._runner.setup()
         site = web.SockSite(self._runner, sock)
         await site.start()
 
@@ -61,6 +74,8 @@ class LiveServer:
     def stop(self) -> None:
         if self._runner is not None:
             self.call(self._runner.cleanup())
+        if self._edge is not None and isinstance(self._app, Gateway):
+            self.call(self._app.shutdown(self._edge, timeout_s=1))
         self.call(self._cancel_leftovers())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)

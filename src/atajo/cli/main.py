@@ -24,6 +24,8 @@ from atajo.settings import Settings, load_settings
 
 log = logging.getLogger("atajo")
 
+SHUTDOWN_TIMEOUT_S = 10
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", "-V", prog_name="atajo")
@@ -115,8 +117,6 @@ def _supervise(procs: Sequence[multiprocessing.process.BaseProcess]) -> int:
 
 
 def _run_worker(settings: Settings, sock: socket.socket | None) -> None:
-    from aiohttp import web
-
     from atajo.app import build_app, describe_startup
     from atajo.auth.keys import KeyRing
 
@@ -126,7 +126,7 @@ def _run_worker(settings: Settings, sock: socket.socket | None) -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
         pass
-    app = build_app(settings)
+    gateway = build_app(settings)
     for line in describe_startup(settings, KeyRing(settings.auth).open):
         log.warning(line) if "SIMULATED" in line or "auth:" in line else log.info(line)
     # Everything built so far lives as long as the process: keep the collector from rescanning it, and
@@ -134,18 +134,25 @@ def _run_worker(settings: Settings, sock: socket.socket | None) -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 50, 100)
-    where = f"http://{settings.server.host}:{settings.server.port}"
-    log.info("atajo %s (pid %d) serving the OpenAI API at %s/v1", __version__, os.getpid(), where)
-    web.run_app(
-        app,
-        host=None if sock else settings.server.host,
-        port=None if sock else settings.server.port,
-        sock=sock,
-        print=None,
-        access_log=logging.getLogger("atajo.access") if settings.server.access_log else None,
-        handle_signals=True,
-        shutdown_timeout=10,
-    )
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        stopping = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stopping.set)
+        edge = await gateway.serve(
+            sock=sock,
+            host=None if sock else settings.server.host,
+            port=None if sock else settings.server.port,
+            access_log=logging.getLogger("atajo.access") if settings.server.access_log else None,
+        )
+        where = f"http://{settings.server.host}:{settings.server.port}"
+        log.info("atajo %s (pid %d) serving the OpenAI API at %s/v1", __version__, os.getpid(), where)
+        await stopping.wait()
+        log.info("stopping: finishing in-flight requests (up to %d s)", SHUTDOWN_TIMEOUT_S)
+        await gateway.shutdown(edge, SHUTDOWN_TIMEOUT_S)
+
+    asyncio.run(serve())
 
 
 @cli.group()

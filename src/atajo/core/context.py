@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-
-from multidict import CIMultiDictProxy
 
 
 @dataclass(slots=True)
@@ -21,7 +20,8 @@ class Principal:
 class RequestContext:
     request_id: str
     route: str
-    headers: CIMultiDictProxy[str] | dict[str, str] = field(repr=False)
+    headers: Mapping[str, str] = field(repr=False)
+    """Request headers, names in lower case."""
     started_ns: int = field(default_factory=time.perf_counter_ns)
     principal: Principal | None = None
     routed_model: str | None = None

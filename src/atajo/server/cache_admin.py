@@ -9,12 +9,12 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable, Mapping
 
-from aiohttp import web
-
 from atajo.cache.service import CacheService
 from atajo.cache.tags import valid_tag
 from atajo.core.context import Principal, RequestContext
 from atajo.errors import AtajoError, InvalidRequest, PermissionDenied
+from atajo.server.edge import Request, Response
+from atajo.server.http import Route
 from atajo.server.parse import decode
 from atajo.server.respond import error_response, json_response
 from atajo.settings import NAME_PATTERN
@@ -25,7 +25,7 @@ MAX_TAGS_PER_CALL = 1000
 MAX_BODY = 256 * 1024
 
 Authenticate = Callable[[Mapping[str, str]], Awaitable[Principal]]
-RequestIdOf = Callable[[web.Request], str]
+RequestIdOf = Callable[[Request], str]
 
 
 class CacheAdmin:
@@ -34,16 +34,16 @@ class CacheAdmin:
         self.authenticate = authenticate
         self.request_id = request_id
 
-    def routes(self) -> list[web.RouteDef]:
+    def routes(self) -> list[Route]:
         return [
-            web.post("/v1/cache/invalidate", self.invalidate),
-            web.post("/v1/cache/flush", self.flush),
-            web.get("/v1/cache/stats", self.stats),
+            ("POST", "/v1/cache/invalidate", self.invalidate),
+            ("POST", "/v1/cache/flush", self.flush),
+            ("GET", "/v1/cache/stats", self.stats),
         ]
 
     async def _call(
-        self, request: web.Request, handle: Callable[[Principal, JSONObject], Awaitable[JSONObject]], *, body: bool
-    ) -> web.Response:
+        self, request: Request, handle: Callable[[Principal, JSONObject], Awaitable[JSONObject]], *, body: bool
+    ) -> Response:
         ctx = RequestContext(request_id=self.request_id(request), route="cache", headers=request.headers)
         try:
             principal = await self.authenticate(request.headers)
@@ -51,19 +51,19 @@ class CacheAdmin:
             if body:
                 if request.content_length is not None and request.content_length > MAX_BODY:
                     raise InvalidRequest("The request body is too large for a cache operation.")
-                raw = await request.read()
-                data = decode(raw) if raw.strip() else {}
+                raw = await request.body()
+                data = decode(raw) if raw else {}  # no body: no options; whitespace is not JSON
             return json_response(await handle(principal, data), ctx)
         except AtajoError as err:
             return error_response(err, ctx)
 
-    async def invalidate(self, request: web.Request) -> web.Response:
+    async def invalidate(self, request: Request) -> Response:
         return await self._call(request, self._invalidate, body=True)
 
-    async def flush(self, request: web.Request) -> web.Response:
+    async def flush(self, request: Request) -> Response:
         return await self._call(request, self._flush, body=True)
 
-    async def stats(self, request: web.Request) -> web.Response:
+    async def stats(self, request: Request) -> Response:
         return await self._call(request, self._stats, body=False)
 
     async def _invalidate(self, principal: Principal, data: JSONObject) -> JSONObject:

@@ -9,11 +9,10 @@ from __future__ import annotations
 import itertools
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from random import getrandbits
 
 import orjson
-from aiohttp import web
 
 from atajo.core.context import Principal, RequestContext
 from atajo.core.pipeline import Handler
@@ -22,13 +21,14 @@ from atajo.core.results import Completion
 from atajo.errors import (
     AtajoError,
     AuthenticationFailed,
-    InvalidRequest,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
     ServiceUnavailable,
 )
 from atajo.observe.metrics import GatewayMetrics
+from atajo.server.edge import Reply, Response
+from atajo.server.edge import Request as HttpRequest
 from atajo.server.openapi import openapi_document
 from atajo.server.parse import decode, parse_chat, parse_embeddings
 from atajo.server.respond import JSON_TYPE, error_response, json_response, stream_response
@@ -39,6 +39,8 @@ log = logging.getLogger("atajo.server")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 ReadyCheck = Callable[[], Awaitable[tuple[bool, str]]]
+Handle = Callable[[HttpRequest], Awaitable[Reply]]
+Route = tuple[str, str, Handle]
 
 
 class RequestIds:
@@ -48,12 +50,12 @@ class RequestIds:
         self._prefix = f"req_{getrandbits(64):016x}"
         self._counter = itertools.count(1)
 
-    def __call__(self, request: web.Request) -> str:
+    def __call__(self, request: HttpRequest) -> str:
         given = request.headers.get("x-request-id")
         return given if given and _REQUEST_ID.match(given) else f"{self._prefix}{next(self._counter):08x}"
 
 
-def request_id(request: web.Request) -> str:
+def request_id(request: HttpRequest) -> str:
     """For the rare paths outside a server instance (unknown routes, crashes)."""
     given = request.headers.get("x-request-id")
     return given if given and _REQUEST_ID.match(given) else f"req_{getrandbits(96):024x}"
@@ -80,31 +82,30 @@ class GatewayServer:
         self.request_id = RequestIds()
         self._openapi: bytes | None = None
 
-    def routes(self) -> list[web.RouteDef]:
+    def routes(self) -> list[Route]:
+        """(method, path, handler); a path ending in ``/`` is a prefix whose rest is one path segment."""
         return [
-            web.post("/v1/chat/completions", self.chat_completions),
-            web.post("/chat/completions", self.chat_completions),
-            web.post("/v1/embeddings", self.embeddings),
-            web.post("/embeddings", self.embeddings),
-            web.get("/v1/models", self.list_models),
-            web.get("/v1/models/{model}", self.get_model),
-            web.get("/health", self.health),
-            web.get("/ready", self.ready),
-            web.get("/metrics", self.prometheus),
-            web.get("/openapi.json", self.openapi),
+            ("POST", "/v1/chat/completions", self.chat_completions),
+            ("POST", "/chat/completions", self.chat_completions),
+            ("POST", "/v1/embeddings", self.embeddings),
+            ("POST", "/embeddings", self.embeddings),
+            ("GET", "/v1/models", self.list_models),
+            ("GET", "/v1/models/", self.get_model),
+            ("GET", "/health", self.health),
+            ("GET", "/ready", self.ready),
+            ("GET", "/metrics", self.prometheus),
+            ("GET", "/openapi.json", self.openapi),
         ]
 
     # --- model endpoints ------------------------------------------------------------------------
 
-    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+    async def chat_completions(self, request: HttpRequest) -> Reply:
         return await self._run(request, "chat", parse_chat)
 
-    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+    async def embeddings(self, request: HttpRequest) -> Reply:
         return await self._run(request, "embeddings", parse_embeddings)
 
-    async def _run(
-        self, request: web.Request, route: str, parse: Callable[[JSONObject], Request]
-    ) -> web.StreamResponse:
+    async def _run(self, request: HttpRequest, route: str, parse: Callable[[JSONObject], Request]) -> Reply:
         ctx = RequestContext(request_id=self.request_id(request), route=route, headers=request.headers)
         self.metrics.in_flight.value += 1
         status, code = 200, ""
@@ -113,7 +114,7 @@ class GatewayServer:
             core = parse(decode(await self._body(request)))
             result = await self.pipeline(core, ctx)
             if isinstance(result, Completion):
-                resp: web.StreamResponse = json_response(result.raw or result.body, ctx)
+                resp: Reply = json_response(result.raw or result.body, ctx)
             else:
                 include_usage = getattr(core, "include_usage", False)
                 resp, failure = await stream_response(request, ctx, result.chunks, include_usage)
@@ -136,23 +137,15 @@ class GatewayServer:
         overhead_ms = ctx.reported_overhead_ms if ctx.reported_overhead_ms is not None else ctx.overhead_ms()
         self.metrics.overhead.labels(ctx.route).observe(overhead_ms / 1000)
 
-    async def _body(self, request: web.Request) -> bytes:
-        if request.content_length is not None and request.content_length > self.max_body_bytes:
-            raise self._too_large()
-        try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise self._too_large() from None
-
-    def _too_large(self) -> PayloadTooLarge:
-        return PayloadTooLarge(f"The request body is larger than the limit of {self.max_body_bytes} bytes.")
+    async def _body(self, request: HttpRequest) -> bytes:
+        return await request.body()  # the edge holds it to max_body_bytes (413), declared or while reading
 
     # --- listing ----------------------------------------------------------------------------------
 
-    def _ctx(self, request: web.Request, route: str) -> RequestContext:
+    def _ctx(self, request: HttpRequest, route: str) -> RequestContext:
         return RequestContext(request_id=self.request_id(request), route=route, headers=request.headers)
 
-    async def list_models(self, request: web.Request) -> web.Response:
+    async def list_models(self, request: HttpRequest) -> Response:
         ctx = self._ctx(request, "models")
         try:
             await self.authenticate(request.headers)
@@ -161,9 +154,9 @@ class GatewayServer:
         data = [_model_object(name) for name in self.model_names()]
         return json_response({"object": "list", "data": data}, ctx)
 
-    async def get_model(self, request: web.Request) -> web.Response:
+    async def get_model(self, request: HttpRequest) -> Response:
         ctx = self._ctx(request, "models")
-        name = request.match_info["model"]
+        name = request.path[len("/v1/models/") :]
         try:
             await self.authenticate(request.headers)
             if name not in self.model_names():
@@ -178,15 +171,15 @@ class GatewayServer:
 
     # --- operations -------------------------------------------------------------------------------
 
-    def _plain(self, request: web.Request, body: bytes, content_type: str, status: int = 200) -> web.Response:
+    def _plain(self, request: HttpRequest, body: bytes, content_type: str, status: int = 200) -> Response:
         """Operations answers carry a request id too, so every response can be traced."""
         headers = {"content-type": content_type, "x-request-id": self.request_id(request)}
-        return web.Response(body=body, status=status, headers=headers)
+        return Response(status, headers, body)
 
-    async def health(self, request: web.Request) -> web.Response:
+    async def health(self, request: HttpRequest) -> Response:
         return self._plain(request, b'{"status":"ok"}', JSON_TYPE)
 
-    async def ready(self, request: web.Request) -> web.Response:
+    async def ready(self, request: HttpRequest) -> Response:
         checks: dict[str, str] = {}
         ok = self.accepting
         if not self.accepting:
@@ -201,10 +194,10 @@ class GatewayServer:
             body["error"] = _error_dict(err)
         return self._plain(request, orjson.dumps(body), JSON_TYPE, 200 if ok else 503)
 
-    async def prometheus(self, request: web.Request) -> web.Response:
+    async def prometheus(self, request: HttpRequest) -> Response:
         return self._plain(request, self.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
 
-    async def openapi(self, request: web.Request) -> web.Response:
+    async def openapi(self, request: HttpRequest) -> Response:
         if self._openapi is None:
             self._openapi = orjson.dumps(openapi_document())
         return self._plain(request, self._openapi, JSON_TYPE)
@@ -218,34 +211,59 @@ def _error_dict(err: AtajoError) -> JSONObject:
     return {"message": err.message, "type": err.type, "param": err.param, "code": err.code}
 
 
-@web.middleware
-async def errors_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Unknown routes, wrong methods and anything unexpected, in OpenAI's error format."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        err: AtajoError
-        if exc.status == 404:
-            err = NotFound(f"Unknown request URL: {request.method} {request.path}.")
-        elif exc.status == 405:
-            err = MethodNotAllowed(f"Method {request.method} is not allowed on {request.path}.")
-        elif exc.status == 413:
-            err = PayloadTooLarge("The request body is too large.")
-        else:
-            err = InvalidRequest(exc.reason)
-            err.status = exc.status
+class Router:
+    """Routes on (method, path), plus prefixes for one trailing path segment (``/v1/models/{id}``); and what
+    was the errors middleware: unknown routes (404), wrong methods (405 with ``allow``) and anything unexpected
+    (a plain 500 naming the request id, the trace only in the log), all in OpenAI's error format."""
+
+    def __init__(self, routes: Iterable[Route] = ()) -> None:
+        self._exact: dict[tuple[str, str], Handle] = {}
+        self._prefixes: list[tuple[str, str, Handle]] = []
+        self._methods: dict[str, set[str]] = {}
+        self.add(routes)
+
+    def add(self, routes: Iterable[Route]) -> None:
+        for method, path, handle in routes:
+            if path.endswith("/"):
+                self._prefixes.append((method, path, handle))
+            else:
+                self._exact[method, path] = handle
+            methods = self._methods.setdefault(path, set())
+            methods.add(method)
+            if method == "GET":
+                methods.add("HEAD")
+
+    def _find(self, method: str, path: str) -> tuple[Handle | None, str]:
+        """The handler, and the path pattern that matched (for 405's ``allow``), or (None, "") for none."""
+        handle = self._exact.get((method, path)) or (self._exact.get(("GET", path)) if method == "HEAD" else None)
+        if handle is not None:
+            return handle, path
+        if path in self._methods:
+            return None, path
+        for route_method, prefix, prefix_handle in self._prefixes:
+            rest = path[len(prefix) :]
+            if path.startswith(prefix) and rest and "/" not in rest:
+                if route_method == method or (method == "HEAD" and route_method == "GET"):
+                    return prefix_handle, prefix
+                return None, prefix
+        return None, ""
+
+    async def dispatch(self, request: HttpRequest) -> Reply:
+        handle, pattern = self._find(request.method, request.path)
+        try:
+            if handle is not None:
+                return await handle(request)
+        except PayloadTooLarge as err:  # a handler that does not map the edge's 413 itself
+            return error_response(err, RequestContext(request_id=request_id(request), route="other", headers={}))
+        except Exception:
+            rid = request_id(request)
+            log.exception("unexpected error in %s %s (request %s)", request.method, request.path, rid)
+            crash = AtajoError(f"The gateway had an internal error; request id {rid}.")
+            return error_response(crash, RequestContext(request_id=rid, route="other", headers={}))
         ctx = RequestContext(request_id=request_id(request), route="other", headers={})
-        resp = error_response(err, ctx)
-        if isinstance(exc, web.HTTPMethodNotAllowed):
-            resp.headers["allow"] = ", ".join(sorted(exc.allowed_methods))
+        if not pattern:
+            return error_response(NotFound(f"Unknown request URL: {request.method} {request.path}."), ctx)
+        wrong = MethodNotAllowed(f"Method {request.method} is not allowed on {request.path}.")
+        resp = error_response(wrong, ctx)
+        resp.headers["allow"] = ", ".join(sorted(self._methods[pattern]))
         return resp
-    except Exception:
-        rid = request_id(request)
-        log.exception("unexpected error in %s %s (request %s)", request.method, request.path, rid)
-        err = AtajoError(f"The gateway had an internal error; request id {rid}.")
-        ctx = RequestContext(request_id=rid, route="other", headers={})
-        return error_response(err, ctx)

@@ -8,10 +8,10 @@ import math
 from collections.abc import AsyncGenerator
 
 import orjson
-from aiohttp import web
 
 from atajo.core.context import RequestContext
 from atajo.errors import AtajoError, ClientClosed
+from atajo.server.edge import Request, Response, Stream
 from atajo.types import JSONObject
 
 log = logging.getLogger("atajo.server")
@@ -49,21 +49,22 @@ def atajo_headers(ctx: RequestContext) -> dict[str, str]:
     return headers
 
 
-def error_response(err: AtajoError, ctx: RequestContext) -> web.Response:
+def error_response(err: AtajoError, ctx: RequestContext) -> Response:
     headers = atajo_headers(ctx)
     retry_after = getattr(err, "retry_after_s", None)
     if retry_after is not None or err.status in (429, 503):
         seconds = retry_after if isinstance(retry_after, (int, float)) and math.isfinite(retry_after) else 1
         headers["retry-after"] = str(max(1, math.ceil(seconds)))
-    return web.Response(body=error_body(err), status=err.status, content_type=JSON_TYPE, headers=headers)
+    headers["content-type"] = JSON_TYPE
+    return Response(err.status, headers, error_body(err))
 
 
-def json_response(body: JSONObject | bytes, ctx: RequestContext, status: int = 200) -> web.Response:
+def json_response(body: JSONObject | bytes, ctx: RequestContext, status: int = 200) -> Response:
     """``body`` as an object, or already encoded (an answer from the cache)."""
     payload = body if isinstance(body, bytes) else orjson.dumps(body)  # before the headers: overhead counts it
     headers = atajo_headers(ctx)
-    headers["content-type"] = JSON_TYPE  # as a header, not content_type=: aiohttp would parse and rebuild it
-    return web.Response(body=payload, status=status, headers=headers)
+    headers["content-type"] = JSON_TYPE
+    return Response(status, headers, payload)
 
 
 def sse_event(chunk: JSONObject) -> bytes:
@@ -71,17 +72,16 @@ def sse_event(chunk: JSONObject) -> bytes:
 
 
 async def stream_response(
-    request: web.Request, ctx: RequestContext, chunks: AsyncGenerator[JSONObject, None], include_usage: bool
-) -> tuple[web.StreamResponse, AtajoError | None]:
+    request: Request, ctx: RequestContext, chunks: AsyncGenerator[JSONObject, None], include_usage: bool
+) -> tuple[Stream, AtajoError | None]:
     """Write chunks as server-sent events. A failure after the headers went out is sent as an OpenAI error
     event (the SDK raises it) and returned, since the status can no longer change."""
     headers = atajo_headers(ctx)
     headers["cache-control"] = "no-cache"
     headers["x-accel-buffering"] = "no"
-    resp = web.StreamResponse(status=200, headers=headers)
-    resp.content_type = "text/event-stream"
-    await resp.prepare(request)
+    headers["content-type"] = "text/event-stream"
     failure: AtajoError | None = None
+    resp = request.stream(200, headers)
     try:
         try:
             async for chunk in chunks:
@@ -100,7 +100,7 @@ async def stream_response(
             log.exception("unexpected error in stream %s", ctx.request_id)
             failure = AtajoError(f"The gateway had an internal error; request id {ctx.request_id}.")
             await resp.write(b"data: " + error_body(failure) + b"\n\n")
-        await resp.write_eof()
+        await resp.end()
     except ConnectionResetError:
         log.debug("client of %s went away mid-stream", ctx.request_id)
         failure = ClientClosed("the client closed the connection mid-stream")
