@@ -828,9 +828,9 @@ def goals(res: Results) -> list[tuple[str, str, str, bool | None]]:
     rows.append(
         (
             "Memory hits, c=16 closed loop (saturated): p50",
-            f"< {MEMORY_C16_P50_MAX_MS:g} ms",
+            "none: about 16 / throughput (Little's law); the paced row below is the goal",
             f"{closed_p50:.3f} ms" if closed else "-",
-            closed_p50 < MEMORY_C16_P50_MAX_MS if closed else None,
+            None,
         )
     )
     offered = _median_of(paced, "rps")
@@ -885,7 +885,10 @@ def render(res: Results) -> str:
     out.append("")
     out.append("### Goals\n")
     out.append("| Goal | Target | Measured | Result |\n| --- | --- | --- | --- |")
-    out.extend(f"| {g} | {t} | {m} | {_verdict(ok)} |" for g, t, m, ok in goals(res))
+    out.extend(
+        f"| {g} | {t} | {m} | {'for reference' if t.startswith('none') else _verdict(ok)} |"
+        for g, t, m, ok in goals(res)
+    )
     out.append("")
     if res.notes:
         out.extend(f"- {note}" for note in res.notes)
@@ -921,7 +924,7 @@ def render(res: Results) -> str:
             "soon as its answer is in, so the gateway is saturated and the median is about connections / "
             "throughput (Little's law). *paced*: each connection waits an exponential think time before its next "
             f"request, steered toward {p['paced_rate']:,.0f} req/s in all, below saturation: the latency a client "
-            "sees at that load. *floor*: `GET /health` in a closed loop, the most one aiohttp worker answers "
+            "sees at that load. *floor*: `GET /health` in a closed loop, the most one worker answers "
             "here. Latency from wrk (request written to answer read), ms; CPU is the gateway process's per "
             "request, *gateway busy* its CPU over the run (1.00 = one core saturated). Every POST was answered "
             "from memory unless the misses column says otherwise.\n"
@@ -1062,7 +1065,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--wrk-duration", type=float, default=8, help="seconds per wrk run")
     parser.add_argument("--wrk-rounds", type=int, default=3, help="rounds of (closed, paced) wrk runs")
     parser.add_argument("--wrk-warmup", type=float, default=2, help="seconds of warm-up per wrk mode")
-    parser.add_argument("--paced-rate", type=float, default=2000, help="total req/s of the paced wrk runs")
+    parser.add_argument("--paced-rate", type=float, default=5000, help="total req/s of the paced wrk runs")
     parser.add_argument("--replay-requests", type=int, default=2000)
     parser.add_argument("--replay-unique", type=int, default=400)
     parser.add_argument("--seed", type=int, default=3, help="seed of the replay order")
