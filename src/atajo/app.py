@@ -221,7 +221,15 @@ class Gateway:
     ) -> EdgeServer:
         """Start the services, then listen (on ``sock``, or ``host``:``port``)."""
         await self.start()
-        edge = EdgeServer(self.router.dispatch, Limits(max_body_bytes=self.services.settings.server.max_body_bytes))
+        server = self.services.settings.server
+        limits = Limits(
+            max_body_bytes=server.max_body_bytes,
+            max_header_bytes=server.max_header_bytes,
+            header_timeout_s=server.header_timeout_s,
+            body_timeout_s=server.body_timeout_s,
+            keep_alive_s=server.keepalive_s,
+        )
+        edge = EdgeServer(self.router.dispatch, limits)
         edge.access_log = access_log
         await edge.listen(sock=sock, host=host, port=port)
         return edge

@@ -46,6 +46,10 @@ class ServerSettings(_Model):
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
     workers: int = Field(1, ge=1, le=64)
     access_log: bool = False
+    max_header_bytes: int = Field(64 * 1024, ge=1024, le=1024 * 1024, description="request line + headers (431)")
+    header_timeout_s: PositiveFloat = Field(10.0, description="first byte to end of headers (408; slowloris)")
+    body_timeout_s: PositiveFloat = Field(30.0, description="longest wait for the next body byte (408)")
+    keepalive_s: PositiveFloat = Field(75.0, description="idle keep-alive connections are closed after this")
 
 
 NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import httpx
 import orjson
 import pytest
 from multidict import CIMultiDict
@@ -246,3 +247,10 @@ async def test_ready_is_503_while_not_accepting(gateway: GatewayFactory, http: a
     assert body["status"] == "unavailable"
     assert body["checks"] == {"server": "starting or stopping"}
     assert body["error"]["type"] == "service_unavailable"
+
+
+def test_edge_limits_come_from_the_server_settings(gateway: GatewayFactory) -> None:
+    gw = gateway({"server": {"max_header_bytes": 2048}})
+    resp = httpx.get(gw.url + "/health", headers={"x-padding": "p" * 4096})
+    assert resp.status_code == 431
+    assert httpx.get(gw.url + "/health", headers={"x-padding": "p" * 1024}).status_code == 200
