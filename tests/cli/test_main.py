@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -132,3 +133,21 @@ def test_a_dying_worker_stops_the_rest() -> None:
     assert proc.returncode == 1
     assert f"worker {workers[0]} exited" in stderr
     assert _gone(workers[1])
+
+
+def test_a_port_in_use_is_one_clear_line_and_exit_1(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "ATAJO_MASTER_KEY")}
+    env["HOME"] = str(tmp_path)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        for workers in ("1", "2"):
+            proc = subprocess.run(
+                [sys.executable, "-m", "atajo", "serve", "--port", str(port), "--workers", workers],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=30,
+            )
+            assert proc.returncode == 1, proc.stderr
+            assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr
+            assert "Traceback" not in proc.stderr

@@ -12,6 +12,7 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 from pathlib import Path
 
 import click
@@ -80,7 +81,10 @@ def serve(
         _run_worker(settings, sock=None)
         return
     # Several workers share one listening socket, bound here so the port is held before any starts.
-    sock = socket.create_server((settings.server.host, settings.server.port), reuse_port=True, backlog=1024)
+    try:
+        sock = socket.create_server((settings.server.host, settings.server.port), reuse_port=True, backlog=1024)
+    except OSError as exc:
+        _cannot_listen(settings, exc)
     procs = [
         multiprocessing.get_context("fork").Process(target=_run_worker, args=(settings, sock), daemon=True)
         for _ in range(settings.server.workers)
@@ -140,12 +144,16 @@ def _run_worker(settings: Settings, sock: socket.socket | None) -> None:
         stopping = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stopping.set)
-        edge = await gateway.serve(
-            sock=sock,
-            host=None if sock else settings.server.host,
-            port=None if sock else settings.server.port,
-            access_log=logging.getLogger("atajo.access") if settings.server.access_log else None,
-        )
+        try:
+            edge = await gateway.serve(
+                sock=sock,
+                host=None if sock else settings.server.host,
+                port=None if sock else settings.server.port,
+                access_log=logging.getLogger("atajo.access") if settings.server.access_log else None,
+            )
+        except OSError as exc:
+            await gateway.close()
+            _cannot_listen(settings, exc)
         where = f"http://{settings.server.host}:{settings.server.port}"
         log.info("atajo %s (pid %d) serving the OpenAI API at %s/v1", __version__, os.getpid(), where)
         await stopping.wait()
@@ -153,6 +161,14 @@ def _run_worker(settings: Settings, sock: socket.socket | None) -> None:
         await gateway.shutdown(edge, SHUTDOWN_TIMEOUT_S)
 
     asyncio.run(serve())
+
+
+def _cannot_listen(settings: Settings, exc: OSError) -> NoReturn:
+    """A port in use or an address not ours: one line that says which, exit 1 (no trace)."""
+    reason = exc.strerror or str(exc)
+    log.error("cannot listen on %s:%d: %s (server.host / server.port, --host / --port)",
+              settings.server.host, settings.server.port, reason)  # fmt: skip
+    sys.exit(1)
 
 
 @cli.group()
