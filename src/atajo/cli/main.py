@@ -12,8 +12,8 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
