@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import weakref
 from collections import Counter, deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -72,6 +73,7 @@ class HttpPool:
         self._in_use = 0
         self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
+        self._conns: weakref.WeakSet[Connection] = weakref.WeakSet()
 
     def count_sent(self, base_url: str) -> None:
         """Count a request under the same ``host:port`` key that connections opened are counted under."""
@@ -93,9 +95,8 @@ class HttpPool:
         self._session = None
         if self._sweeper is not None:
             self._sweeper.cancel()
-        for conns in self._idle.values():
-            for conn in conns:
-                conn.close()
+        for conn in list(self._conns):  # idle and in use, as aiohttp's session closed them
+            conn.close()
         self._idle.clear()
         for waiters in self._waiters.values():
             for fut in waiters:
@@ -229,6 +230,7 @@ class HttpPool:
                 self._wake(key)
             raise
         self.opened[key] += 1
+        self._conns.add(conn)
         return conn
 
     async def _connect(self, target: Target, connect_s: float | None) -> Connection:
