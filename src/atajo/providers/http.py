@@ -1,4 +1,4 @@
-"""Sending one request through the pool and translating aiohttp's failures into the error tree."""
+"""Sending one request through the pool and translating the client's failures into the error tree."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
-import aiohttp
 import orjson
 
 from atajo.core.deployments import Deployment
@@ -16,6 +15,14 @@ from atajo.errors import (
     UpstreamStreamBroken,
     UpstreamTimeout,
     UpstreamUnavailable,
+)
+from atajo.providers.connection import (
+    ClientError,
+    ConnectFailed,
+    ConnectTimeout,
+    Disconnected,
+    ReadTimeout,
+    Response,
 )
 from atajo.providers.pool import HttpPool
 from atajo.providers.status import error_for_status
@@ -62,16 +69,12 @@ async def post_json(
     """
     pool.count_sent(deployment.base_url)
     try:
-        async with pool.session.post(
-            url, data=payload, headers=headers, timeout=pool.timeout(deployment, False), allow_redirects=False
-        ) as resp:
-            raw = await resp.read()
-            if resp.status >= 300:
-                raise _status_error(resp, raw, deployment)
-    except UpstreamError:
-        raise
-    except Exception as exc:
+        resp = await pool.request(url, payload, headers, pool.timeout(deployment, False))
+    except ClientError as exc:
         raise _translate(exc, deployment) from None
+    raw = resp.body()
+    if resp.status >= 300:
+        raise _status_error(resp, raw, deployment)
     return decode_object(raw, deployment)
 
 
@@ -84,7 +87,7 @@ async def post(
     headers: Mapping[str, str],
     *,
     streaming: bool,
-) -> AsyncIterator[aiohttp.ClientResponse]:
+) -> AsyncIterator[Response]:
     """POST and yield a 2xx response (for streams); any failure comes out as an ``UpstreamError``.
 
     Redirects are not followed: the request goes to the configured URL or nowhere, so an upstream (or
@@ -92,39 +95,38 @@ async def post(
     """
     pool.count_sent(deployment.base_url)
     try:
-        async with pool.session.post(
-            url, data=payload, headers=headers, timeout=pool.timeout(deployment, streaming), allow_redirects=False
-        ) as resp:
-            if resp.status >= 300:
-                raise _status_error(resp, await resp.read(), deployment)
-            yield resp
-    except UpstreamError:
-        raise
-    except Exception as exc:
+        resp = await pool.request(url, payload, headers, pool.timeout(deployment, streaming))
+    except ClientError as exc:
         raise _translate(exc, deployment) from None
+    try:
+        if resp.status >= 300:
+            raise _status_error(resp, await resp.read(), deployment)
+        yield resp
+    except ClientError as exc:
+        raise _translate(exc, deployment) from None
+    finally:
+        pool.release(resp)
 
 
-def _status_error(resp: aiohttp.ClientResponse, raw: bytes, deployment: Deployment) -> UpstreamError:
+def _status_error(resp: Response, raw: bytes, deployment: Deployment) -> UpstreamError:
     message, param = error_message(raw)
     return error_for_status(
         resp.status, message, where=describe(deployment), retry_after=resp.headers.get("retry-after"), param=param
     )
 
 
-def _translate(exc: Exception, deployment: Deployment) -> Exception:
-    """aiohttp's failures → the error tree; anything else (a bug, a cancellation) is left as it is."""
+def _translate(exc: ClientError, deployment: Deployment) -> UpstreamError:
+    """The client's failures → the error tree (anything else, a bug or a cancellation, is not caught)."""
     where = describe(deployment)
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    if isinstance(exc, ConnectFailed):
         return UpstreamConnectError(f"{where}: cannot connect to {exc.host}:{exc.port}")
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+    if isinstance(exc, ConnectTimeout):
         return UpstreamConnectError(f"{where}: no connection in time (host unreachable or connection pool full)")
-    if isinstance(exc, (TimeoutError, aiohttp.ServerTimeoutError)):
+    if isinstance(exc, ReadTimeout):
         return UpstreamTimeout(f"{where}: no answer within {deployment.timeout_s:g} s")
-    if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError)):
-        return UpstreamUnavailable(f"{where}: connection dropped ({type(exc).__name__})")
-    if isinstance(exc, aiohttp.ClientError):
-        return UpstreamUnavailable(f"{where}: {type(exc).__name__}")
-    return exc
+    if isinstance(exc, Disconnected):
+        return UpstreamUnavailable(f"{where}: connection dropped (ServerDisconnected)")
+    return UpstreamUnavailable(f"{where}: connection dropped ({type(exc).__name__})")
 
 
 def decode_object(
@@ -140,7 +142,7 @@ def decode_object(
     return data
 
 
-async def finish(resp: aiohttp.ClientResponse, within_s: float = 0.5) -> None:
+async def finish(resp: Response, within_s: float = 0.5) -> None:
     """Read what is left of a response whose answer is complete (a stream after its last event), so its
     connection goes back to the pool: a connection released with unread bytes on it is closed instead.
 
@@ -149,31 +151,40 @@ async def finish(resp: aiohttp.ClientResponse, within_s: float = 0.5) -> None:
     """
     try:
         async with asyncio.timeout(within_s):
-            while not resp.content.at_eof():
-                if not await resp.content.readany():
+            while not resp.at_eof():
+                if not await resp.readany():
                     break
-    except (TimeoutError, aiohttp.ClientError):
+    except (TimeoutError, ClientError):
         pass
 
 
-async def sse_events(resp: aiohttp.ClientResponse, deployment: Deployment) -> AsyncGenerator[tuple[str, bytes], None]:
+async def sse_events(resp: Response, deployment: Deployment) -> AsyncGenerator[tuple[str, bytes], None]:
     """(event, data) pairs of a server-sent-event stream; mid-stream failures become UpstreamStreamBroken."""
-    event, data = "", b""
+    event, data, rest = "", b"", b""
     try:
-        async for raw_line in resp.content:
-            line = raw_line.rstrip(b"\r\n")
-            if not line:
-                if data:
-                    yield event, data
-                event, data = "", b""
-            elif line.startswith(b"data:"):
-                chunk = line[5:].lstrip(b" ")
-                data = chunk if not data else data + b"\n" + chunk
-            elif line.startswith(b"event:"):
-                event = line[6:].strip().decode("utf-8", "replace")
+        while True:
+            chunk = await resp.readany()
+            if not chunk:
+                lines = [rest] if rest else []
+            else:
+                lines = (rest + chunk).split(b"\n") if rest else chunk.split(b"\n")
+                rest = lines.pop()
+            for raw_line in lines:
+                line = raw_line.rstrip(b"\r")
+                if not line:
+                    if data:
+                        yield event, data
+                    event, data = "", b""
+                elif line.startswith(b"data:"):
+                    part = line[5:].lstrip(b" ")
+                    data = part if not data else data + b"\n" + part
+                elif line.startswith(b"event:"):
+                    event = line[6:].strip().decode("utf-8", "replace")
+            if not chunk:
+                break
         if data:
             yield event, data
-    except (TimeoutError, aiohttp.ServerTimeoutError):
+    except ReadTimeout:
         raise UpstreamTimeout(f"{describe(deployment)}: stream stalled for {deployment.timeout_s:g} s") from None
-    except aiohttp.ClientError as exc:
+    except ClientError as exc:
         raise UpstreamStreamBroken(f"{describe(deployment)}: stream broken ({type(exc).__name__})") from None
