@@ -76,13 +76,16 @@ from benchmarks.run import (
     Fleet,
     Quiet,
     Server,
+    _interrupt,
     _rounds,
+    _verdict,
     busy_cpu_seconds,
     children_cpu_seconds,
     command_line,
     cpu_seconds,
     environment,
     median,
+    publish,
     say,
     self_cpu_seconds,
     wait_ready,
@@ -794,10 +797,6 @@ def _ms(value: float | None, digits: int = 3) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
-def _verdict(ok: bool | None) -> str:
-    return "not measured" if ok is None else ("met" if ok else "**missed**")
-
-
 def _median_of(runs: Sequence[WrkRun], attr: str) -> float:
     return median([float(getattr(r, attr)) for r in runs]) if runs else math.nan
 
@@ -1225,22 +1224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("wrk is not installed (apt-get install wrk), or leave out the concurrent section", file=sys.stderr)
         return 2
     res = run(args, argv)
-    section = render(res)
-    print(section)
-    if args.json:
-        args.json.write_text(json.dumps(asdict(res), indent=2, default=str) + "\n")
-        say(f"wrote {args.json}")
-    if args.write:
-        write_doc(args.write, section)
-        say(f"wrote the cache section of {args.write}")
-    missed = [g for g, _, _, ok in goals(res) if ok is False]
-    if missed:
-        say(f"goals missed: {'; '.join(missed)}")
+    publish(args, asdict(res), render(res), goals(res), write_doc, "cache")
     return 0
-
-
-def _interrupt(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":

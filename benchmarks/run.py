@@ -46,7 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -420,6 +420,17 @@ def _rounds(total: int, rounds: int) -> Iterator[int]:
         yield n
 
 
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No collector pause inside a timed batch (collect first, so none is due)."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 def measure_latency(
     ports: dict[str, int], requests: int, warmup: int, rounds: int, quiet: Quiet
 ) -> dict[str, list[float]]:
@@ -432,12 +443,8 @@ def measure_latency(
         for i, n in enumerate(_rounds(requests, rounds)):
             quiet()
             for name, client in clients.items():
-                gc.collect()
-                gc.disable()
-                try:
+                with gc_paused():
                     samples[name].extend(client.post() for _ in range(n))
-                finally:
-                    gc.enable()
             say(f"latency: round {i + 1}: {len(samples['direct'])}/{requests} requests per path")
     finally:
         for client in clients.values():
@@ -458,15 +465,11 @@ def measure_stream(
         for i, n in enumerate(_rounds(requests, rounds)):
             quiet()
             for name, client in clients.items():
-                gc.collect()
-                gc.disable()
-                try:
+                with gc_paused():
                     for _ in range(n):
                         first, end = client.stream()
                         ttfb[name].append(first)
                         total[name].append(end)
-                finally:
-                    gc.enable()
             say(f"streaming: round {i + 1}: {len(ttfb['direct'])}/{requests} streams per path")
     finally:
         for client in clients.values():
@@ -1018,18 +1021,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         say("valgrind is not installed (apt-get install valgrind): skipping the instructions section")
         args.sections.discard("instructions")
     res = run(args, argv)
-    section = render(res)
+    publish(args, asdict(res), render(res), goals(res), write_doc, "results")
+    return 0
+
+
+Goal = tuple[str, str, str, bool | None]
+
+
+def publish(
+    args: argparse.Namespace,
+    figures: dict[str, Any],
+    section: str,
+    goal_rows: Sequence[Goal],
+    write: Callable[[Path, str], None],
+    what: str,
+) -> None:
+    """Print the section; with --json and --write, save the figures and the doc's section; name missed goals."""
     print(section)
     if args.json:
-        args.json.write_text(json.dumps(asdict(res), indent=2) + "\n")
+        args.json.write_text(json.dumps(figures, indent=2, default=str) + "\n")
         say(f"wrote {args.json}")
     if args.write:
-        write_doc(args.write, section)
-        say(f"wrote the results section of {args.write}")
-    missed = [g for g, _, _, ok in goals(res) if ok is False]
+        write(args.write, section)
+        say(f"wrote the {what} section of {args.write}")
+    missed = [g for g, _, _, ok in goal_rows if ok is False]
     if missed:
         say(f"goals missed: {'; '.join(missed)}")
-    return 0
 
 
 def _interrupt(signum: int, _frame: object) -> None:

@@ -96,10 +96,6 @@ class CacheService:
             return SqlBus(sql)
         return None
 
-    @property
-    def tier_names(self) -> list[str]:
-        return [t.name for t in self.chain.tiers]
-
     async def start(self) -> None:
         await self.chain.start()
         if self.bus is not None:
