@@ -113,3 +113,15 @@ def test_env_override_of_a_scalar_path_is_an_error(tmp_path: Path) -> None:
     path = write(tmp_path, "log_level: info\n")
     with pytest.raises(ConfigError, match="ATAJO_LOG_LEVEL__X"):
         load_settings(path, env={"ATAJO_LOG_LEVEL__X": "1"})
+
+
+
+def test_semantic_settings_are_checked_by_name(tmp_path: Path) -> None:
+    bad_store = "cache:\n  semantic: {enabled: true, store: 'redis://x'}\n"
+    with pytest.raises(ConfigError, match=r"cache\.semantic\.store"):
+        load_settings(write(tmp_path, bad_store), env={})
+    with pytest.raises(ConfigError, match=r"cache\.semantic\.neighbours"):
+        load_settings(write(tmp_path, "cache:\n  semantic: {neighbours: 0}\n"), env={})
+    settings = load_settings(write(tmp_path, "cache:\n  semantic: {enabled: true}\n"), env={})
+    assert settings.cache.semantic.store == "memory://"
+    assert not load_settings(None, env={}).cache.semantic.enabled  # off unless asked for

@@ -106,7 +106,13 @@ def build_services(
     # Single-flight groups requests by the cache key, so it joins when the cache is on.
     flight: SingleFlight[SharedOutcome] = SingleFlight()
     if settings.cache.enabled:
-        cache = CacheService(settings.cache, clock=wall_clock, monotonic=clock, observer=metrics.cache)
+        cache = CacheService(
+            settings.cache,
+            clock=wall_clock,
+            monotonic=clock,
+            observer=metrics.cache,
+            semantic_observer=metrics.cache.semantic,
+        )
         key_policies = {key.name: key.cache for key in settings.auth.keys}
         stages.append(CacheStage(cache, settings.cache, key_policies, catalog, metrics, in_flight=flight.busy))
     stages.append(CoalesceStage(flight))

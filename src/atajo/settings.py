@@ -64,6 +64,7 @@ class CachePolicy(_Model):
     ttl_s: PositiveFloat | None = Field(None, description="overrides every tier's TTL for these answers")
     cache_sampled: bool | None = Field(None, description="cache requests with temperature > 0")
     stale_if_error_s: float | None = Field(None, ge=0)
+    semantic: bool | None = Field(None, description="use the semantic tier (when cache.semantic.enabled)")
 
 
 class ApiKey(_Model):
@@ -197,6 +198,28 @@ def _default_tiers() -> list[CacheTierSettings]:
     ]
 
 
+class SemanticSettings(_Model):
+    """The semantic tier (``pip install 'atajo[semantic]'``): after the exact tiers miss, answer a question
+    asked in other words. Off unless enabled: a semantic hit is a judgement, calibrated to ``decision``'s
+    target error rate (default: at most 2 % wrong hits)."""
+
+    enabled: bool = False
+    store: str = Field(
+        "memory://",
+        pattern=r"^(memory|postgresql|postgres)://",
+        description="memory:// (per process) or postgresql://… with pgvector (shared by instances)",
+    )
+    max_entries: int = Field(100_000, ge=1, description="memory store: entries kept (oldest dropped beyond)")
+    neighbours: int = Field(4, ge=1, le=32, description="nearest entries the match decision weighs")
+    max_chars: int = Field(
+        1000, ge=1, description="longer asked texts skip the tier (the embedding sees only the first ~256 tokens)"
+    )
+    timeout_s: PositiveFloat = Field(1.0, description="a lookup taking longer is a miss")
+    decision: dict[str, Any] | None = Field(
+        None, description="match decision parameters written by `atajo cache calibrate`; default: the shipped ones"
+    )
+
+
 class CacheSettings(_Model):
     enabled: bool = True
     tiers: list[CacheTierSettings] = Field(default_factory=_default_tiers, description="fastest first")
@@ -212,6 +235,7 @@ class CacheSettings(_Model):
         None, description="Redis URL for cross-instance invalidation; default: the first redis tier's URL"
     )
     write_queue: int = Field(10_000, ge=1, description="pending tier writes beyond this are dropped (counted)")
+    semantic: SemanticSettings = Field(default_factory=SemanticSettings)
 
     @model_validator(mode="after")
     def _tiers_distinct(self) -> CacheSettings:

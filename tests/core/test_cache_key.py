@@ -105,3 +105,30 @@ def test_chat_and_embeddings_never_share_a_key() -> None:
     e2 = parse.parse_embeddings({"model": "m", "input": "hi", "user": "u"})
     assert key(e) == key(e2)
     assert key(e) != key(parse.parse_embeddings({"model": "m", "input": "hi", "dimensions": 8}))
+
+
+def test_semantic_query_separates_the_asked_text_from_the_exact_conditions() -> None:
+    from atajo.core.cache_key import semantic_query
+
+    def chat(messages: list[Any], **extra: Any) -> ChatRequest:
+        return ChatRequest("m", {"model": "m", "messages": messages, **extra})
+
+    user = {"role": "user", "content": "  How do I reset my password? "}
+    text, digest = semantic_query(chat([user])) or ("", "")
+    assert text == "How do I reset my password?"
+    # Only the last user turn's wording may differ inside one partition.
+    assert semantic_query(chat([{"role": "user", "content": "other words"}]))[1] == digest  # type: ignore[index]
+    system = {"role": "system", "content": "You are terse."}
+    assert semantic_query(chat([system, user]))[1] != digest  # type: ignore[index]
+    assert semantic_query(chat([user], temperature=0.5))[1] != digest  # type: ignore[index]
+    assert semantic_query(chat([user], tools=[{"type": "function", "function": {"name": "f"}}]))[1] != digest  # type: ignore[index]
+    assert semantic_query(chat([user], user="someone"))[1] == digest  # type: ignore[index]  # not answer-affecting
+    parts = {"role": "user", "content": [{"type": "text", "text": "How do I"}, {"type": "text", "text": "reset it?"}]}
+    assert semantic_query(chat([parts])) is not None
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}
+    assert (
+        semantic_query(chat([{"role": "user", "content": [{"type": "text", "text": "what is this"}, image]}])) is None
+    )
+    assert semantic_query(chat([user, {"role": "assistant", "content": "hi"}])) is None
+    assert semantic_query(chat([{"role": "user", "content": "   "}])) is None
+    assert semantic_query(EmbeddingsRequest("e", {"model": "e", "input": "x"})) is None

@@ -8,17 +8,22 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from atajo.cache.backends import open_backend
 from atajo.cache.bus import BusMessage, InvalidationBus, RedisBus, SqlBus
 from atajo.cache.entry import Clock, Selector, TierStats
+from atajo.cache.semantic_build import build_semantic
 from atajo.cache.sql import SqlBackend
 from atajo.cache.tags import DependencyGraph, TagRules
 from atajo.cache.tiers import CacheObserver, Tier, TierChain
 from atajo.settings import CacheSettings, CacheTierSettings
+
+if TYPE_CHECKING:
+    from atajo.cache.semantic.tier import EmbedFn, SemanticObserver, SemanticTier
 
 log = logging.getLogger("atajo.cache")
 
@@ -69,7 +74,10 @@ class CacheService:
         clock: Clock = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         observer: CacheObserver | None = None,
+        semantic_observer: SemanticObserver | None = None,
+        embed: EmbedFn | None = None,
     ) -> None:
+        """``embed`` replaces the semantic tier's local model (tests; embeddings through a provider)."""
         self.settings = settings
         self.clock = clock
         self.chain = TierChain(
@@ -80,6 +88,16 @@ class CacheService:
             stale_if_error_s=settings.stale_if_error_s,
             write_queue=settings.write_queue,
         )
+        self.semantic: SemanticTier | None = None
+        if settings.semantic.enabled:
+            self.semantic = build_semantic(
+                settings.semantic,
+                clock=clock,
+                observer=semantic_observer,
+                vetoed=self.chain.vetoed,
+                embed=embed,
+                write_queue=settings.write_queue,
+            )
         self.rules = TagRules(settings.tag_rules)
         self.graph = DependencyGraph(settings.dependencies)
         self.bus = self._bus(settings)
@@ -98,12 +116,28 @@ class CacheService:
 
     async def start(self) -> None:
         await self.chain.start()
+        if self.semantic is not None:
+            await self._start_semantic(self.semantic)
         if self.bus is not None:
             await self.bus.start(self._on_bus_message, self._on_bus_reconnect)
         self._upkeep = [
             asyncio.create_task(self._every(STATS_INTERVAL_S, self.chain.refresh_stats), name="atajo-cache-stats"),
-            asyncio.create_task(self._every(PURGE_INTERVAL_S, self.chain.purge_expired), name="atajo-cache-purge"),
+            asyncio.create_task(self._every(PURGE_INTERVAL_S, self._purge), name="atajo-cache-purge"),
         ]
+
+    async def _start_semantic(self, semantic: SemanticTier) -> None:
+        try:
+            await semantic.start()
+        except Exception as exc:  # fail open, as the exact tiers do: serve without it
+            log.warning("semantic cache tier is unavailable (%s); serving without it", exc)
+            await semantic.close()
+            self.semantic = None
+
+    async def _purge(self) -> None:
+        await self.chain.purge_expired()
+        if self.semantic is not None:
+            with contextlib.suppress(Exception):
+                await self.semantic.purge_expired()
 
     async def close(self) -> None:
         for task in self._upkeep:
@@ -112,6 +146,8 @@ class CacheService:
                 await task
         if self.bus is not None:
             await self.bus.close()
+        if self.semantic is not None:
+            await self.semantic.close()
         await self.chain.close()
 
     async def _every(self, interval_s: float, job: Callable[[], object]) -> None:
@@ -136,13 +172,28 @@ class CacheService:
         expanded = self.graph.expand(tags) if tags else frozenset()
         selector = Selector(tenant, expanded, namespace, key_prefix)
         dropped = await self.chain.invalidate(selector)
+        dropped |= await self._semantic_drop(lambda s: s.invalidate(selector))
         await self._publish(BusMessage(selector))
         return InvalidationResult(dropped, expanded)
 
     async def flush(self, tenant: str | None) -> dict[str, int]:
         dropped = await self.chain.flush(tenant)
+        dropped |= await self._semantic_drop(lambda s: s.flush(tenant))
         await self._publish(BusMessage(None, tenant))
         return dropped
+
+    async def _semantic_drop(
+        self, drop: Callable[[SemanticTier], Awaitable[int]], *, local_only: bool = False
+    ) -> dict[str, int]:
+        """Apply an invalidation to the semantic tier's vectors: {"semantic": count}, -1 when it failed."""
+        semantic = self.semantic
+        if semantic is None or (local_only and semantic.name != "memory"):
+            return {}
+        try:
+            return {"semantic": await drop(semantic)}
+        except Exception as exc:  # the vectors then point at dropped entries: misses, never wrong answers
+            log.warning("semantic cache invalidation failed: %s", type(exc).__name__)
+            return {"semantic": -1}
 
     async def _publish(self, message: BusMessage) -> None:
         if self.bus is None:
@@ -154,13 +205,17 @@ class CacheService:
             self.chain.observer.failure("bus", "publish")
 
     async def _on_bus_message(self, message: BusMessage) -> None:
-        if message.selector is not None:
-            await self.chain.invalidate(message.selector, local_only=True)
+        selector, tenant = message.selector, message.tenant
+        if selector is not None:
+            await self.chain.invalidate(selector, local_only=True)
+            await self._semantic_drop(lambda s: s.invalidate(selector), local_only=True)
         else:
-            await self.chain.flush(message.tenant, local_only=True)
+            await self.chain.flush(tenant, local_only=True)
+            await self._semantic_drop(lambda s: s.flush(tenant), local_only=True)
 
     async def _on_bus_reconnect(self) -> None:
         await self.chain.flush(None, local_only=True)
+        await self._semantic_drop(lambda s: s.flush(None), local_only=True)
 
     async def stats(self) -> dict[str, TierStats]:
         return await self.chain.refresh_stats()

@@ -225,7 +225,7 @@ class TierChain:
             try:
                 entries = []
                 for entry, generation in batch:
-                    if self._vetoed(entry, generation):
+                    if self.vetoed(entry, generation):
                         self.observer.write(tier.name, "vetoed")
                     else:
                         entries.append(entry)
@@ -249,7 +249,7 @@ class TierChain:
                 for _ in batch:
                     tier.queue.task_done()
 
-    def _vetoed(self, entry: Entry, generation: int) -> bool:
+    def vetoed(self, entry: Entry, generation: int) -> bool:
         if generation >= self.generation:
             return False
         if not self._recent or self._recent[0][0] > generation + 1:

@@ -15,6 +15,7 @@ entries by key prefix.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from urllib.parse import quote
 
 import orjson
@@ -65,3 +66,44 @@ def fingerprint(request: Request) -> str:
 def cache_key(request: Request, tenant: str, namespace: str) -> str:
     """The full key; ``tenant`` and ``namespace`` are validated names (no ``/``)."""
     return f"{tenant}/{namespace}/{quote(request.model, safe='')}/{KEY_VERSION}-{fingerprint(request)}"
+
+
+ASKED_PLACEHOLDER = "\x00atajo:asked\x00"
+"""Stands in for the asked text in the semantic partition's fingerprint."""
+
+
+def semantic_query(request: Request) -> tuple[str, str] | None:
+    """For the semantic tier: (the asked text, a digest of everything else that can change the answer).
+
+    The asked text is the last message's, when that message is the user's and holds only text. Every other
+    answer-affecting field (system prompt, earlier turns, tools, parameters) goes into the digest, so it is
+    an exact condition of a semantic match: only the asked wording may differ. ``None`` when the request
+    has nothing to match on (not chat, last turn not the user's, images or audio in it, empty text).
+    """
+    if request.operation != "chat":
+        return None
+    messages = request.body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return None
+    last = messages[-1]
+    if not isinstance(last, dict) or last.get("role") != "user":
+        return None
+    content = last.get("content")
+    if isinstance(content, str):
+        text = content
+    elif isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                return None
+            parts.append(part["text"])
+        text = "\n".join(parts)
+    else:
+        return None
+    text = text.strip()
+    if not text:
+        return None
+    rest = {name: value for name, value in last.items() if name != "content"}
+    body = dict(request.body)
+    body["messages"] = [*messages[:-1], rest | {"content": ASKED_PLACEHOLDER}]
+    return text, fingerprint(replace(request, body=body))

@@ -155,6 +155,18 @@ class CacheMetrics:
             ["tier"],
             FRACTION_BUCKETS,
         )
+        self.semantic_decisions = Counter(
+            "atajo_cache_semantic_decisions",
+            "Semantic tier lookups by the match decision's outcome (hit, or why not: below_threshold, ambiguous, "
+            "numbers, negation, below_floor, empty, error)",
+            ["outcome"],
+        )
+        self.embed_batch = Histogram(
+            "atajo_cache_semantic_embed_batch_size",
+            "Texts embedded together in one run of the semantic tier's model",
+            [],
+            (1, 2, 4, 8, 16, 32),
+        )
         self.own: list[Counter | Histogram] = [
             self.lookups,
             self.lookup_duration,
@@ -162,7 +174,10 @@ class CacheMetrics:
             self.failures,
             self.invalidated,
             self.invalidated_fraction,
+            self.semantic_decisions,
+            self.embed_batch,
         ]
+        self.semantic = SemanticMetrics(self)
 
     def lookup(self, tier: str, outcome: str, seconds: float) -> None:
         self.lookups.labels(tier, outcome).inc()
@@ -178,6 +193,27 @@ class CacheMetrics:
 
     def failure(self, tier: str, operation: str) -> None:
         self.failures.labels(tier, operation).inc()
+
+
+class SemanticMetrics:
+    """What the semantic tier reports (``atajo.cache.semantic.tier.SemanticObserver``), in the cache's
+    families under ``tier="semantic"`` plus its own decision and batch-size families."""
+
+    def __init__(self, cache: CacheMetrics) -> None:
+        self._cache = cache
+
+    def lookup(self, outcome: str, seconds: float) -> None:
+        self._cache.semantic_decisions.labels(outcome).inc()
+        self._cache.lookups.labels(
+            "semantic", "hit" if outcome == "hit" else "error" if outcome == "error" else "miss"
+        ).inc()
+        self._cache.lookup_duration.labels("semantic").observe(seconds)
+
+    def embed_batch(self, size: int) -> None:
+        self._cache.embed_batch.labels().observe(size)
+
+    def write(self, outcome: str) -> None:
+        self._cache.writes.labels("semantic", outcome).inc()
 
 
 class GatewayMetrics:

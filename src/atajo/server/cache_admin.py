@@ -6,6 +6,7 @@ or every tenant (``"*"``), and alone may flush or read stats.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping
 
@@ -26,6 +27,8 @@ MAX_BODY = 256 * 1024
 
 Authenticate = Callable[[Mapping[str, str]], Awaitable[Principal]]
 RequestIdOf = Callable[[Request], str]
+
+log = logging.getLogger("atajo.cache")
 
 
 class CacheAdmin:
@@ -131,7 +134,14 @@ class CacheAdmin:
                     "evictions": s.evictions,
                 }
             )
-        return {"object": "cache.stats", "tiers": tiers}
+        answer: JSONObject = {"object": "cache.stats", "tiers": tiers}
+        semantic = self.service.semantic
+        if semantic is not None:
+            try:
+                answer["semantic"] = {"store": semantic.name, "entries": await semantic.count()}
+            except Exception as exc:  # the tiers' figures are still worth answering with
+                log.warning("semantic store count failed: %s", type(exc).__name__)
+        return answer
 
 
 def _admin(principal: Principal, what: str) -> None:

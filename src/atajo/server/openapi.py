@@ -243,6 +243,12 @@ _STATS: JSONObject = {
                 "properties": {"name": {"enum": ["memory", "redis", "sql"]}, "up": {"type": "boolean"}},
             },
         },
+        "semantic": {
+            "type": "object",
+            "description": "present when the semantic tier is on",
+            "required": ["store", "entries"],
+            "properties": {"store": {"enum": ["memory", "pgvector"]}, "entries": {"type": "integer", "minimum": 0}},
+        },
     },
 }
 

@@ -18,6 +18,8 @@ import logging
 import re
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from urllib.parse import quote
 
 import orjson
 
@@ -26,7 +28,7 @@ from atajo.cache.service import CacheService
 from atajo.cache.tags import MAX_TAGS, valid_tag
 from atajo.cache.tiers import Fill
 from atajo.core.answers import chunks_from_completion, completion_from_chunks, is_complete_chat, is_complete_embeddings
-from atajo.core.cache_key import cache_key
+from atajo.core.cache_key import cache_key, semantic_query
 from atajo.core.catalog import Catalog
 from atajo.core.context import RequestContext
 from atajo.core.pipeline import Handler
@@ -36,6 +38,9 @@ from atajo.errors import AllAttemptsFailed, InvalidRequest, UpstreamError, Upstr
 from atajo.observe.metrics import GatewayMetrics
 from atajo.settings import NAME_PATTERN, CachePolicy, CacheSettings
 from atajo.types import JSONObject
+
+if TYPE_CHECKING:
+    from atajo.cache.semantic.tier import Found, Query, SemanticTier
 
 log = logging.getLogger("atajo.cache")
 
@@ -53,6 +58,7 @@ class Plan:
     ttl_s: float | None
     namespace: str
     stale_if_error_s: float
+    semantic: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +67,7 @@ class _Policy:
     ttl_s: float | None
     cache_sampled: bool
     stale_if_error_s: float
+    semantic: bool
 
 
 class CacheStage:
@@ -80,6 +87,7 @@ class CacheStage:
         """Whether an identical request is being answered now: it is then joined (coalesce stage) without
         looking up the slower tiers, whose answer would arrive after the call it could have shared."""
         self.chain = service.chain
+        self.semantic: SemanticTier | None = service.semantic
         self.settings = settings
         self.key_policies = dict(key_policies)
         self.catalog = catalog
@@ -107,6 +115,16 @@ class CacheStage:
                 and self.chain.clock() <= found.stale.fresh_until + plan.stale_if_error_s
             ):
                 stale = found.stale
+        query: Query | None = None
+        if plan.semantic and self.semantic is not None:
+            query = self._semantic_query(request, tenant, plan)
+            if query is not None and plan.lookup and not joining:
+                semantic = await self.semantic.find(query)
+                query = semantic.query if semantic is not None else None
+                if semantic is not None and semantic.match.hit:
+                    answer = await self._semantic_answer(request, ctx, plan, semantic, generation)
+                    if answer is not None:
+                        return answer
         try:
             result = await call_next(request, ctx)
         except (UpstreamError, AllAttemptsFailed) as err:
@@ -117,7 +135,7 @@ class CacheStage:
         if not plan.store or ctx.coalesced:
             return result
         tags = given_tags | self.service.rules.derive(request.body)
-        fill = _Pending(self, request, ctx, plan, tenant, key, tags, generation)
+        fill = _Pending(self, request, ctx, plan, tenant, key, tags, generation, query)
         if isinstance(result, Completion):
             fill.store(result.body)
         else:
@@ -166,7 +184,8 @@ class CacheStage:
                 "x-atajo-cache-namespace must be 1 to 64 letters, digits or any of _ . : -",
                 param="x-atajo-cache-namespace",
             )
-        return Plan(lookup, store, max_age_s, ttl_s, namespace, policy.stale_if_error_s)
+        semantic = policy.semantic and self.service.semantic is not None
+        return Plan(lookup, store, max_age_s, ttl_s, namespace, policy.stale_if_error_s, semantic)
 
     def _policy(self, model: str, key_name: str) -> _Policy:
         cached = self._policies.get((model, key_name))
@@ -174,6 +193,7 @@ class CacheStage:
             return cached
         s = self.settings
         enabled, ttl_s, sampled, stale = s.enabled, None, s.cache_sampled, s.stale_if_error_s
+        semantic = s.semantic.enabled
         layers = [self.settings.models.get(model) or self.settings.models.get("*"), self.key_policies.get(key_name)]
         for layer in layers:
             if layer is None:
@@ -182,7 +202,10 @@ class CacheStage:
             ttl_s = layer.ttl_s if layer.ttl_s is not None else ttl_s
             sampled = layer.cache_sampled if layer.cache_sampled is not None else sampled
             stale = layer.stale_if_error_s if layer.stale_if_error_s is not None else stale
-        policy = self._policies[(model, key_name)] = _Policy(enabled, ttl_s, sampled, min(stale, s.stale_if_error_s))
+            semantic = layer.semantic if layer.semantic is not None else semantic
+        policy = self._policies[(model, key_name)] = _Policy(
+            enabled, ttl_s, sampled, min(stale, s.stale_if_error_s), semantic and s.semantic.enabled
+        )
         return policy
 
     def given_tags(self, ctx: RequestContext) -> frozenset[str]:
@@ -202,6 +225,41 @@ class CacheStage:
         if len(tags) > MAX_TAGS:
             raise InvalidRequest(f"at most {MAX_TAGS} cache tags per request", param="x-atajo-cache-tags")
         return frozenset(tags)
+
+    # --- the semantic tier -----------------------------------------------------------------------
+
+    def _semantic_query(self, request: Request, tenant: str, plan: Plan) -> Query | None:
+        """The request's asked text and partition, or None when it has nothing the tier can match on."""
+        assert self.semantic is not None
+        parts = semantic_query(request)
+        if parts is None or len(parts[0]) > self.settings.semantic.max_chars:
+            return None
+        text, digest = parts
+        return self.semantic.query(f"{tenant}/{plan.namespace}/{quote(request.model, safe='')}/{digest}", text)
+
+    async def _semantic_answer(
+        self, request: Request, ctx: RequestContext, plan: Plan, found: Found, generation: int
+    ) -> Result | None:
+        """Serve the entry the match points at, if the exact tiers still hold it fresh; also store it under
+        this request's own key (same tags, same remaining life), so the same wording next time hits exactly."""
+        assert self.semantic is not None and found.match.neighbour is not None
+        neighbour = found.match.neighbour
+        looked = await self.chain.get(neighbour.key, plan.max_age_s)
+        entry = looked.entry
+        if entry is None or not entry.value.startswith(_VALUE_PREFIX):
+            if looked.stale is None:
+                await self.semantic.dead(neighbour.key)
+            return None
+        ctx.extra_headers = {
+            **(ctx.extra_headers or {}),
+            "x-atajo-cache-similarity": f"{neighbour.score:.4f}",
+            "x-atajo-cache-match": neighbour.key.partition("/")[2],
+        }
+        remaining = entry.fresh_until - self.chain.clock()
+        if plan.store and ctx.cache_key is not None and remaining > 1:
+            fill = Fill(ctx.cache_key, entry.tenant, entry.namespace, entry.value, entry.tags, remaining, generation)
+            self.chain.store(fill)
+        return self._answer(request, ctx, entry, "hit-semantic")
 
     # --- answering from the cache -----------------------------------------------------------------
 
@@ -233,7 +291,7 @@ async def _replay(chunks: list[JSONObject]) -> AsyncGenerator[JSONObject, None]:
 class _Pending:
     """An answer on its way from the provider, to be stored once known to be whole."""
 
-    __slots__ = ("ctx", "generation", "key", "plan", "request", "stage", "tags", "tenant")
+    __slots__ = ("ctx", "generation", "key", "plan", "query", "request", "stage", "tags", "tenant")
 
     def __init__(
         self,
@@ -245,9 +303,11 @@ class _Pending:
         key: str,
         tags: frozenset[str],
         generation: int,
+        query: Query | None = None,
     ) -> None:
         self.stage, self.request, self.ctx, self.plan = stage, request, ctx, plan
         self.tenant, self.key, self.tags, self.generation = tenant, key, tags, generation
+        self.query = query
 
     def store(self, body: JSONObject) -> None:
         complete = is_complete_chat(body) if self.request.operation == "chat" else is_complete_embeddings(body)
@@ -275,6 +335,19 @@ class _Pending:
                 self.generation,
             )
         )
+        semantic = self.stage.semantic
+        if self.query is not None and semantic is not None:
+            chain = self.stage.chain
+            ttl_s = self.plan.ttl_s if self.plan.ttl_s is not None else max(t.ttl_s for t in chain.tiers)
+            semantic.remember_answer(
+                self.query,
+                key=self.key,
+                tenant=self.tenant,
+                namespace=self.plan.namespace,
+                tags=self.tags,
+                keep_until=chain.clock() + ttl_s + chain.stale_if_error_s,
+                generation=self.generation,
+            )
 
     async def record(self, chunks: AsyncGenerator[JSONObject, None]) -> AsyncGenerator[JSONObject, None]:
         """Pass the chunks on; store the answer they make if the stream ends cleanly."""

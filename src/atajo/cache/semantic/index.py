@@ -147,6 +147,9 @@ class VectorIndex:
     def __contains__(self, key: object) -> bool:
         return key in self._where
 
+    def has_partition(self, partition: str) -> bool:
+        return partition in self._partitions
+
     @property
     def partitions(self) -> int:
         return len(self._partitions)

@@ -105,6 +105,9 @@ class MemoryVectorStore:
     async def close(self) -> None:
         pass
 
+    def has_partition(self, partition: str) -> bool:
+        return self.index.has_partition(partition)
+
     async def search(self, partition: str, vector: Vector, k: int, now: float) -> list[Neighbour]:
         for _ in range(3):  # expired neighbours are dropped and the search repeated, a bounded number of times
             found = self.index.search(partition, vector, k)

@@ -1,0 +1,240 @@
+"""The semantic tier end to end, with the OpenAI SDK against the gateway in front of a local OpenAI-format
+upstream and the real local embedding model: paraphrases hit (``hit-semantic`` with the similarity), and a
+different number, a negation, another tenant, model, system prompt or namespace never does; invalidation by
+tag reaches semantic entries; hits replay as streams; policies turn the tier off."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import IN_CI, GatewayFactory, openai_model
+from tests.upstreams.live import LiveServer
+from tests.upstreams.openai_server import OpenAIUpstream
+
+try:
+    from atajo.cache.semantic.decision import Decider
+    from atajo.cache.semantic.embedder import Embedder, EmbedderUnavailable
+
+    Embedder().load()
+except (ImportError, EmbedderUnavailable) as exc:  # pragma: no cover - depends on the installed extras
+    if IN_CI:
+        raise
+    pytest.skip(f"the semantic extra is not installed ({exc})", allow_module_level=True)
+
+Upstream = tuple[OpenAIUpstream, LiveServer]
+MASTER = "sk-master-test"
+KEY_A = "sk-tenant-a"
+KEY_B = "sk-tenant-b"
+KEY_OFF = "sk-no-semantic"
+ASKED = "How do I reset my password?"
+PARAPHRASE = "how do i reset my password"
+TMP = {"decision": Decider.default().to_dict() | {"threshold": 0.5}}
+
+
+def config(up: LiveServer, tmp_path: Path, **semantic: Any) -> dict[str, Any]:
+    return {
+        "models": {"fast": openai_model(up.url), "other": openai_model(up.url)},
+        "auth": {
+            "master_key": MASTER,
+            "keys": [
+                {"name": "a", "key": KEY_A, "tenant": "acme"},
+                {"name": "b", "key": KEY_B, "tenant": "globex"},
+                {"name": "off", "key": KEY_OFF, "tenant": "acme", "cache": {"semantic": False}},
+            ],
+        },
+        "cache": {
+            "tiers": [{"url": "memory://", "ttl_s": 300}, {"url": f"sqlite:///{tmp_path}/cache.db", "ttl_s": 3600}],
+            "semantic": {"enabled": True, **TMP, **semantic},
+        },
+    }
+
+
+def ask(
+    gw: LiveServer,
+    text: str,
+    key: str = KEY_A,
+    model: str = "fast",
+    system: str | None = None,
+    headers: dict[str, str] | None = None,
+    **kw: Any,
+) -> Any:
+    messages: list[Any] = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": text})
+    sdk = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0)
+    return sdk.chat.completions.with_raw_response.create(model=model, messages=messages, extra_headers=headers, **kw)
+
+
+def status(raw: Any) -> str:
+    return str(raw.headers["x-atajo-cache"])
+
+
+def drain(gw: LiveServer) -> None:
+    cache = gw.gateway.services.cache
+    assert cache is not None and cache.semantic is not None
+    gw.call(cache.chain.drain())
+    gw.call(cache.semantic.drain())
+    gw.call(cache.chain.drain())
+
+
+def seed(
+    gw: LiveServer, upstream: OpenAIUpstream, text: str = ASKED, reply: str = "Use the reset link.", **kw: Any
+) -> None:
+    upstream.reply = reply
+    assert status(ask(gw, text, **kw)) == "miss"
+    drain(gw)
+    upstream.reply = "an answer the cache must not show"
+
+
+def test_a_paraphrase_is_a_semantic_hit_with_its_similarity(
+    gateway: GatewayFactory, openai_upstream: Upstream, tmp_path: Path
+) -> None:
+    upstream, up = openai_upstream
+    gw = gateway(config(up, tmp_path))
+    seed(gw, upstream)
+    calls = len(upstream.received)
+    raw = ask(gw, PARAPHRASE)
+    assert status(raw) == "hit-semantic"
+    assert raw.parse().choices[0].message.content == "Use the reset link."
+    assert 0.9 < float(raw.headers["x-atajo-cache-similarity"]) <= 1.0001
+    assert raw.headers["x-atajo-cache-match"].startswith("default/fast/")
+    assert len(upstream.received) == calls
+    # The hit was also stored under the paraphrase's own key: the same wording again is an exact hit.
+    drain(gw)
+    assert status(ask(gw, PARAPHRASE)) == "hit-memory"
+
+
+def test_a_semantic_hit_replays_as_a_stream(gateway: GatewayFactory, openai_upstream: Upstream, tmp_path: Path) -> None:
+    upstream, up = openai_upstream
+    gw = gateway(config(up, tmp_path))
+    seed(gw, upstream)
+    sdk = openai.OpenAI(base_url=gw.url + "/v1", api_key=KEY_A, max_retries=0)
+    with sdk.chat.completions.with_streaming_response.create(
+        model="fast", messages=[{"role": "user", "content": PARAPHRASE}], stream=True
+    ) as response:
+        assert response.headers["x-atajo-cache"] == "hit-semantic"
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in response.parse() if chunk.choices)
+    assert text == "Use the reset link."
+
+
+@pytest.mark.parametrize(
+    ("stored", "asked"),
+    [
+        ("What was the population of Peru in 2019?", "What was the population of Peru in 2020?"),
+        (
+            "How many bones are in the human hand? List 5 of them.",
+            "How many bones are in the human hand? List 6 of them.",
+        ),
+        ("Is it safe to take ibuprofen with coffee?", "Is it not safe to take ibuprofen with coffee?"),
+        ("Can I cancel my subscription online?", "Can't I cancel my subscription online?"),
+    ],
+)
+def test_a_different_number_or_a_negation_never_hits(
+    gateway: GatewayFactory, openai_upstream: Upstream, tmp_path: Path, stored: str, asked: str
+) -> None:
+    upstream, up = openai_upstream
+    gw = gateway(config(up, tmp_path))
+    seed(gw, upstream, stored)
+    assert status(ask(gw, stored.lower().rstrip("?"))) == "hit-semantic"  # the entry is there and reachable
+    assert status(ask(gw, asked)) == "miss"
+
+
+def test_partitions_keep_tenants_models_system_prompts_and_namespaces_apart(
+    gateway: GatewayFactory, openai_upstream: Upstream, tmp_path: Path
+) -> None:
+    upstream, up = openai_upstream
+    gw = gateway(config(up, tmp_path))
+    seed(gw, upstream, system="You are a support agent.")
+    assert status(ask(gw, PARAPHRASE, system="You are a support agent.")) == "hit-semantic"
+    assert status(ask(gw, PARAPHRASE, key=KEY_B, system="You are a support agent.")) == "miss"  # other tenant
+    assert status(ask(gw, PARAPHRASE, model="other", system="You are a support agent.")) == "miss"
+    assert status(ask(gw, PARAPHRASE, system="You are a pirate.")) == "miss"
+    assert status(ask(gw, PARAPHRASE)) == "miss"  # no system prompt at all
+    assert status(ask(gw, PARAPHRASE, system="You are a support agent.", temperature=0.2)) == "miss"
+    headers = {"x-atajo-cache-namespace": "other"}
+    assert status(ask(gw, PARAPHRASE, system="You are a support agent.", headers=headers)) == "miss"
+
+
+def test_invalidating_a_tag_reaches_semantic_entries(
+    gateway: GatewayFactory, openai_upstream: Upstream, tmp_path: Path
+) -> None:
+    upstream, up = openai_upstream
+    gw = gateway(config(up, tmp_path))
+    seed(gw, upstream, headers={"x-atajo-cache-tags": "faq:passwords"})
+    seed(gw, upstream, "What are your opening hours?", "9 to 5.", headers={"x-atajo-cache-tags": "faq:hours"})
+    semantic = gw.gateway.services.cache.semantic  # type: ignore[union-attr]
+    assert semantic is not None
+    assert gw.call(semantic.count()) == 2
+    resp = httpx.post(
+        gw.url + "/v1/cache/invalidate", json={"tags": ["faq:passwords"]}, headers={"authorization": f"Bearer {KEY_A}"}
+    )
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["tiers"]["semantic"] == 1
+    assert gw.call(semantic.count()) == 1
+    assert status(ask(gw, PARAPHRASE)) == "miss"
+    assert status(ask(gw, "what are your opening hours")) == "hit-semantic"  # the other entry is untouched
+
+
+def test_a_semantic_hit_needs_the_exact_entry_to_still_be_there(
+    gateway: GatewayFactory, openai_upstream: Upstream, tmp_path: Path
+) -> None:
+    """The vector only points at an exact entry: when that entry is gone, there is no semantic hit."""
+    upstream, up = openai_upstream
+    gw = gateway(config(up, tmp_path))
+    seed(gw, upstream)
+    cache = gw.gateway.services.cache
+    assert cache is not None
+    for tier in cache.chain.tiers:  # drop the answer behind the semantic tier's back
+        gw.call(tier.backend.flush(None))
+    assert status(ask(gw, PARAPHRASE)) == "miss"
+
+
+def test_policies_and_headers_turn_the_tier_off(
+    gateway: GatewayFactory, openai_upstream: Upstream, tmp_path: Path
+) -> None:
+    upstream, up = openai_upstream
+    gw = gateway(config(up, tmp_path))
+    seed(gw, upstream)
+    # The key's cache policy says semantic: false (its answer is still stored under its own exact key).
+    assert status(ask(gw, "How do I reset my password", key=KEY_OFF)) == "miss"
+    assert status(ask(gw, "how do I reset my password?", headers={"cache-control": "no-cache"})) == "miss"
+    assert status(ask(gw, PARAPHRASE)) == "hit-semantic"
+
+
+def test_texts_longer_than_max_chars_skip_the_tier(
+    gateway: GatewayFactory, openai_upstream: Upstream, tmp_path: Path
+) -> None:
+    upstream, up = openai_upstream
+    gw = gateway(config(up, tmp_path, max_chars=20))
+    seed(gw, upstream)
+    drain(gw)
+    semantic = gw.gateway.services.cache.semantic  # type: ignore[union-attr]
+    assert semantic is not None
+    assert gw.call(semantic.count()) == 0
+    assert status(ask(gw, PARAPHRASE)) == "miss"
+
+
+def test_semantic_lookups_are_measured(gateway: GatewayFactory, openai_upstream: Upstream, tmp_path: Path) -> None:
+    upstream, up = openai_upstream
+    gw = gateway(config(up, tmp_path))
+    seed(gw, upstream)
+    ask(gw, PARAPHRASE)
+    ask(gw, "What was the population of Peru in 2019?")
+    metrics = httpx.get(gw.url + "/metrics").text
+    assert 'atajo_cache_semantic_decisions_total{outcome="hit"} 1.0' in metrics
+    assert 'atajo_cache_lookups_total{outcome="hit",tier="semantic"} 1.0' in metrics
+    assert 'atajo_cache_writes_total{outcome="ok",tier="semantic"}' in metrics
+    assert "atajo_cache_semantic_embed_batch_size_count" in metrics
+
+
+def test_stats_report_the_semantic_store(gateway: GatewayFactory, openai_upstream: Upstream, tmp_path: Path) -> None:
+    upstream, up = openai_upstream
+    gw = gateway(config(up, tmp_path))
+    seed(gw, upstream)
+    resp = httpx.get(gw.url + "/v1/cache/stats", headers={"authorization": f"Bearer {MASTER}"})
+    assert resp.status_code == 200
+    assert resp.json()["semantic"] == {"store": "memory", "entries": 1}
