@@ -115,7 +115,6 @@ def test_env_override_of_a_scalar_path_is_an_error(tmp_path: Path) -> None:
         load_settings(path, env={"ATAJO_LOG_LEVEL__X": "1"})
 
 
-
 def test_semantic_settings_are_checked_by_name(tmp_path: Path) -> None:
     bad_store = "cache:\n  semantic: {enabled: true, store: 'redis://x'}\n"
     with pytest.raises(ConfigError, match=r"cache\.semantic\.store"):

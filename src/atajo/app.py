@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import itertools
 import logging
 import re
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 from prometheus_client.core import Metric
 
@@ -25,8 +27,11 @@ from atajo.auth.keys import KeyRing
 from atajo.cache.service import CacheService
 from atajo.coalesce.singleflight import SingleFlight
 from atajo.core.catalog import Catalog
+from atajo.core.context import RequestContext
 from atajo.core.deployments import Deployment
 from atajo.core.pipeline import Stage, build_pipeline
+from atajo.core.requests import EmbeddingsRequest
+from atajo.core.results import Completion
 from atajo.observe.metrics import GatewayMetrics, counter_family, gauge_family
 from atajo.providers.base import Provider
 from atajo.providers.pool import HttpPool
@@ -112,6 +117,9 @@ def build_services(
             monotonic=clock,
             observer=metrics.cache,
             semantic_observer=metrics.cache.semantic,
+            embed=_provider_embeddings(upstream, settings.cache.semantic.embedder)
+            if settings.cache.semantic.enabled and settings.cache.semantic.embedder != "local"
+            else None,
         )
         key_policies = {key.name: key.cache for key in settings.auth.keys}
         stages.append(CacheStage(cache, settings.cache, key_policies, catalog, metrics, in_flight=flight.busy))
@@ -169,6 +177,24 @@ def flight_metrics(flight: SingleFlight[SharedOutcome]) -> Iterable[Metric]:
     yield gauge_family(
         "atajo_coalesce_in_flight", "Distinct requests being computed for waiting callers", [], [([], flight.in_flight)]
     )
+
+
+def _provider_embeddings(upstream: UpstreamStage, model: str) -> Callable[[Sequence[str]], Awaitable[Any]]:
+    """The semantic tier's embeddings from ``model``'s deployments through this gateway's own upstream stage
+    (retries, fallbacks and breakers included; no cache, no client limits), one call per batch of texts."""
+    from atajo.cache.semantic.tier import vectors_from_openai
+
+    serial = itertools.count(1)
+
+    async def embed(texts: Sequence[str]) -> Any:
+        request = EmbeddingsRequest(model, {"model": model, "input": list(texts)})
+        ctx = RequestContext(request_id=f"atajo-semantic-{next(serial)}", route="embeddings", headers={})
+        result = await upstream(request, ctx)
+        if not isinstance(result, Completion):
+            raise TypeError("an embeddings call answered with a stream")
+        return vectors_from_openai(result.body, len(texts))
+
+    return embed
 
 
 def cache_metrics(cache: CacheService) -> Iterable[Metric]:

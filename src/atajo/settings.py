@@ -218,6 +218,10 @@ class SemanticSettings(_Model):
     decision: dict[str, Any] | None = Field(
         None, description="match decision parameters written by `atajo cache calibrate`; default: the shipped ones"
     )
+    embedder: str = Field(
+        "local", min_length=1, description="'local' (the bundled model) or a configured model serving /v1/embeddings"
+    )
+    dimension: int = Field(384, ge=1, le=16_384, description="the embeddings' size (384: the local model)")
 
 
 class CacheSettings(_Model):
@@ -264,6 +268,15 @@ class Settings(_Model):
             for i, fallback in enumerate(model.fallbacks):
                 if fallback not in self.models:
                     raise ValueError(f"models.{name}.fallbacks.{i}: unknown model {fallback!r}")
+        semantic = self.cache.semantic
+        if semantic.enabled and semantic.embedder != "local":
+            if semantic.embedder not in self.models:
+                raise ValueError(f"cache.semantic.embedder: {semantic.embedder!r} is not a model in `models`")
+            if semantic.decision is None:
+                raise ValueError(
+                    "cache.semantic.decision: required with a provider embedder (the shipped decision is fitted to "
+                    "the local model's similarities); fit one with `atajo cache calibrate --embeddings-url`"
+                )
         return self
 
     @property

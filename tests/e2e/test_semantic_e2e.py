@@ -5,6 +5,7 @@ tag reaches semantic entries; hits replay as streams; policies turn the tier off
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -238,3 +239,42 @@ def test_stats_report_the_semantic_store(gateway: GatewayFactory, openai_upstrea
     resp = httpx.get(gw.url + "/v1/cache/stats", headers={"authorization": f"Bearer {MASTER}"})
     assert resp.status_code == 200
     assert resp.json()["semantic"] == {"store": "memory", "entries": 1}
+
+
+def bag_of_words(text: str) -> list[float]:
+    """A provider-side embedding for tests: word counts hashed into 64 dimensions (case and punctuation aside)."""
+    vector = [0.0] * 64
+    for word in "".join(c for c in text.lower() if c.isalnum() or c.isspace()).split():
+        vector[int(hashlib.sha256(word.encode()).hexdigest(), 16) % 64] += 1.0
+    return vector
+
+
+def test_embeddings_can_come_from_a_configured_provider_model(
+    gateway: GatewayFactory, openai_upstream: Upstream, tmp_path: Path
+) -> None:
+    upstream, up = openai_upstream
+    upstream.embed_text = bag_of_words
+    cfg = config(up, tmp_path, embedder="embedder", dimension=64)
+    cfg["models"]["embedder"] = openai_model(up.url)
+    gw = gateway(cfg)
+    seed(gw, upstream)
+    calls = [r for r in upstream.received if r.path == "/v1/embeddings"]
+    assert len(calls) == 1 and calls[0].body["input"] == [ASKED]  # one list-input call per batch
+    raw = ask(gw, PARAPHRASE)
+    assert status(raw) == "hit-semantic"
+    assert float(raw.headers["x-atajo-cache-similarity"]) == pytest.approx(1.0, abs=1e-4)
+    assert [r.body["input"] for r in upstream.received if r.path == "/v1/embeddings"][-1] == [PARAPHRASE]
+
+
+def test_a_provider_embedder_must_be_a_model_and_needs_its_own_decision(tmp_path: Path) -> None:
+    from atajo.errors import ConfigError
+    from atajo.settings import load_settings
+
+    path = tmp_path / "atajo.yaml"
+    path.write_text("cache:\n  semantic: {enabled: true, embedder: ghost}\n")
+    with pytest.raises(ConfigError, match=r"cache\.semantic\.embedder: 'ghost' is not a model"):
+        load_settings(path, env={})
+    models = "models:\n  emb:\n    deployments: [{provider: simulated}]\n"
+    path.write_text(models + "cache:\n  semantic: {enabled: true, embedder: emb}\n")
+    with pytest.raises(ConfigError, match=r"cache\.semantic\.decision: required with a provider embedder"):
+        load_settings(path, env={})

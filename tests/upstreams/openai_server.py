@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,8 @@ class OpenAIUpstream(FaultScript[Fault]):
     always: Fault | None = None
     received: list[Received] = field(default_factory=list)
     connections: int = 0
+    embed_text: Callable[[str], list[float]] | None = None
+    """Vectors as a function of the text (semantic tests); by default ``[0.1 * (i + 1), 0.2, 0.3]`` for input i."""
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -172,7 +175,8 @@ class OpenAIUpstream(FaultScript[Fault]):
         if isinstance(outcome, web.StreamResponse):
             return outcome
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
-        data = [{"object": "embedding", "index": i, "embedding": [0.1 * (i + 1), 0.2, 0.3]} for i in range(len(inputs))]
+        vectors = [self.embed_text(t) if self.embed_text else [0.1 * (i + 1), 0.2, 0.3] for i, t in enumerate(inputs)]
+        data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
         return web.json_response(
             {
                 "object": "list",

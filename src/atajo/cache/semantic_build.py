@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from atajo.cache.semantic.store import VectorStore
-    from atajo.cache.semantic.tier import EmbedFn, SemanticObserver, SemanticTier
+    from atajo.cache.semantic.tier import AsyncEmbedFn, EmbedFn, SemanticObserver, SemanticTier
 
 EXTRA = "pip install 'atajo[semantic]'"
 
@@ -24,10 +24,10 @@ def build_semantic(
     clock: Clock = time.time,
     observer: SemanticObserver | None = None,
     vetoed: Callable[[Entry, int], bool] | None = None,
-    embed: EmbedFn | None = None,
+    embed: EmbedFn | AsyncEmbedFn | None = None,
     write_queue: int = 10_000,
 ) -> SemanticTier:
-    """The tier ``cache.semantic`` describes. ``embed`` replaces the local model (tests, provider embeddings).
+    """The tier ``cache.semantic`` describes. ``embed`` replaces the local model (a provider's embeddings, tests).
     Raises ``ConfigError`` naming the setting when the extra is missing or a value is wrong."""
     try:
         from atajo.cache.semantic.decision import Decider
@@ -54,9 +54,9 @@ def build_semantic(
         embed, load = embedder.embed, embedder.load
     store: VectorStore
     if settings.store.startswith("memory://"):
-        store = MemoryVectorStore(max_entries=settings.max_entries)
+        store = MemoryVectorStore(max_entries=settings.max_entries, dimension=settings.dimension)
     else:
-        store = _pgvector(settings.store)
+        store = _pgvector(settings.store, settings.dimension)
     return SemanticTier(
         store,
         embed,
@@ -71,7 +71,7 @@ def build_semantic(
     )
 
 
-def _pgvector(url: str) -> VectorStore:
+def _pgvector(url: str, dimension: int) -> VectorStore:
     try:
         from atajo.cache.semantic.pgvector import PgVectorStore
     except ImportError as exc:
@@ -79,5 +79,5 @@ def _pgvector(url: str) -> VectorStore:
             f"cache.semantic.store: postgresql:// needs {exc.name!r}: pip install 'atajo[postgres,semantic]'",
             param="cache.semantic.store",
         ) from None
-    store: VectorStore = PgVectorStore(url)
+    store: VectorStore = PgVectorStore(url, dimension=dimension)
     return store

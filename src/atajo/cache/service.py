@@ -23,7 +23,7 @@ from atajo.cache.tiers import CacheObserver, Tier, TierChain
 from atajo.settings import CacheSettings, CacheTierSettings
 
 if TYPE_CHECKING:
-    from atajo.cache.semantic.tier import EmbedFn, SemanticObserver, SemanticTier
+    from atajo.cache.semantic.tier import AsyncEmbedFn, EmbedFn, SemanticObserver, SemanticTier
 
 log = logging.getLogger("atajo.cache")
 
@@ -75,7 +75,7 @@ class CacheService:
         monotonic: Callable[[], float] = time.monotonic,
         observer: CacheObserver | None = None,
         semantic_observer: SemanticObserver | None = None,
-        embed: EmbedFn | None = None,
+        embed: EmbedFn | AsyncEmbedFn | None = None,
     ) -> None:
         """``embed`` replaces the semantic tier's local model (tests; embeddings through a provider)."""
         self.settings = settings

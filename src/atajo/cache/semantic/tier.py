@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 
@@ -33,6 +34,8 @@ log = logging.getLogger("atajo.cache")
 
 EmbedFn = Callable[[Sequence[str]], Vectors]
 """Texts → unit vectors, one row each (blocking; runs on the embedding thread)."""
+AsyncEmbedFn = Callable[[Sequence[str]], Awaitable[Vectors]]
+"""Texts → vectors, awaited on the event loop (a provider's ``/v1/embeddings``)."""
 
 MAX_EMBED_BATCH = 32
 WRITE_BATCH = 256
@@ -78,10 +81,16 @@ class Found:
 
 
 class BatchingEmbedder:
-    """Runs ``embed`` on one thread; texts queued while it runs go together in the next run."""
+    """Runs ``embed`` on one thread (or awaits it, when it is a coroutine function); texts queued while it
+    runs go together in the next run."""
 
-    def __init__(self, embed: EmbedFn, observer: SemanticObserver) -> None:
-        self._embed = embed
+    def __init__(self, embed: EmbedFn | AsyncEmbedFn, observer: SemanticObserver) -> None:
+        self._sync: EmbedFn | None = None
+        self._async: AsyncEmbedFn | None = None
+        if inspect.iscoroutinefunction(embed):
+            self._async = embed
+        else:
+            self._sync = cast("EmbedFn", embed)
         self._observer = observer
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="atajo-embed")
         self._pending: list[tuple[str, asyncio.Future[Vector]]] = []
@@ -102,7 +111,12 @@ class BatchingEmbedder:
                 batch, self._pending = self._pending[:MAX_EMBED_BATCH], self._pending[MAX_EMBED_BATCH:]
                 self._observer.embed_batch(len(batch))
                 try:
-                    vectors = await loop.run_in_executor(self._executor, self._embed, [t for t, _ in batch])
+                    texts = [t for t, _ in batch]
+                    if self._async is not None:
+                        vectors = unit_rows(await self._async(texts))
+                    else:
+                        assert self._sync is not None
+                        vectors = await loop.run_in_executor(self._executor, self._sync, texts)
                 except Exception as exc:  # every waiter of this batch gets the failure (the tier fails open)
                     for _, future in batch:
                         if not future.done():
@@ -122,7 +136,7 @@ class SemanticTier:
     def __init__(
         self,
         store: VectorStore,
-        embed: EmbedFn,
+        embed: EmbedFn | AsyncEmbedFn,
         decider: Decider,
         *,
         clock: Clock = time.time,
@@ -308,8 +322,26 @@ class SemanticTier:
         return await self.store.count()
 
 
-def unit(vector: Vector) -> Vector:
-    """``vector`` scaled to unit length (embeddings from a provider are not always normalised)."""
-    v = np.asarray(vector, dtype=np.float32).reshape(-1)
-    norm = float(np.linalg.norm(v))
-    return v / norm if norm > 0 else v
+def unit_rows(vectors: Vectors) -> Vectors:
+    """Rows scaled to unit length (embeddings from a provider are not always normalised)."""
+    v = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(v, axis=1, keepdims=True)
+    result: Vectors = v / np.clip(norms, 1e-12, None)
+    return result
+
+
+def vectors_from_openai(body: object, count: int) -> Vectors:
+    """The vectors of an OpenAI ``/v1/embeddings`` answer, in input order; ``ValueError`` when malformed."""
+    data = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(data, list) or len(data) != count:
+        raise ValueError(f"expected {count} embeddings in the answer's data")
+    rows: list[object] = [None] * count
+    for i, item in enumerate(data):
+        index = item.get("index", i) if isinstance(item, dict) else None
+        if not isinstance(index, int) or not 0 <= index < count or not isinstance(item.get("embedding"), list):
+            raise ValueError("an embedding in the answer has no valid index or vector")
+        rows[index] = item["embedding"]
+    matrix = np.asarray(rows, dtype=np.float32)
+    if matrix.ndim != 2:
+        raise ValueError("the answer's embeddings differ in length")
+    return matrix
