@@ -35,7 +35,7 @@ def test_batches_keep_order_and_come_back_unit_length() -> None:
 def test_errors_say_what_the_endpoint_answered() -> None:
     upstream = OpenAIUpstream(embed_text=by_text)
     upstream.faults.append(Fault(status=401, message="bad key"))
-    with LiveServer(upstream.app()) as server, pytest.raises(RemoteEmbeddingsError, match="HTTP 401.*bad key"):
+    with LiveServer(upstream.app()) as server, pytest.raises(RemoteEmbeddingsError, match=r"HTTP 401.*bad key"):
         RemoteEmbedder(server.url + "/v1", "emb").embed(["x"])
     with pytest.raises(ValueError, match="http"):
         RemoteEmbedder("ftp://x", "emb")
