@@ -109,17 +109,12 @@ class MemoryVectorStore:
         return self.index.has_partition(partition)
 
     async def search(self, partition: str, vector: Vector, k: int, now: float) -> list[Neighbour]:
-        for _ in range(3):  # expired neighbours are dropped and the search repeated, a bounded number of times
+        while True:  # expired neighbours are dropped and the search repeated: each round drops at least one
             found = self.index.search(partition, vector, k)
             expired = [n.key for n in found if (m := self._meta.get(n.key)) is None or m.keep_until <= now]
             if not expired:
                 return found
             await self.delete(expired)
-        return [n for n in self.index.search(partition, vector, k) if self._alive(n.key, now)]
-
-    def _alive(self, key: str, now: float) -> bool:
-        meta = self._meta.get(key)
-        return meta is not None and meta.keep_until > now
 
     async def add_many(self, entries: Sequence[VectorEntry]) -> None:
         for e in entries:
