@@ -24,6 +24,7 @@ batch (one bad input), each request is retried alone so it gets its own answer o
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
 import time
@@ -256,7 +257,7 @@ class CoalesceStage:
             result = await first.call_next(EmbeddingsRequest(first.request.model, body), ctx)
         except UpstreamRejected:
             # One bad input must not fail the others: each asks alone, for its own answer or error.
-            return [await self._alone(m, 1) for m in members]
+            return await asyncio.gather(*(self._alone(m, 1) for m in members))
         except AtajoError as err:
             return [_Batched(None, err, ctx, len(members))] * len(members)
         parts = (
