@@ -2,9 +2,11 @@
 
 ``POST /v1/chat/completions`` returns a small fixed ``chat.completion``; with ``"stream": true`` it sends a
 few ``chat.completion.chunk`` server-sent events (the first one immediately), a usage chunk when
-``stream_options.include_usage`` is set, then ``data: [DONE]``. ``GET /health`` answers 200.
+``stream_options.include_usage`` is set, then ``data: [DONE]``. ``POST /v1/embeddings`` answers one small
+vector per input (a string or a list of strings). ``GET /health`` answers 200. ``--latency-ms`` delays every
+answer, as a real provider would (``benchmarks/coalesce.py``).
 
-    python benchmarks/upstream.py --port 9001 [--chunk-delay-ms 0]
+    python benchmarks/upstream.py --port 9001 [--chunk-delay-ms 0] [--latency-ms 0]
 """
 
 from __future__ import annotations
@@ -74,9 +76,11 @@ JSON_HEADERS = {"content-type": "application/json"}
 SSE_HEADERS = {"content-type": "text/event-stream", "cache-control": "no-cache"}
 
 
-def build_app(chunk_delay_s: float = 0.0) -> web.Application:
+def build_app(chunk_delay_s: float = 0.0, latency_s: float = 0.0) -> web.Application:
     async def chat(request: web.Request) -> web.StreamResponse:
         raw = await request.read()
+        if latency_s:
+            await asyncio.sleep(latency_s)
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -97,6 +101,25 @@ def build_app(chunk_delay_s: float = 0.0) -> web.Application:
         await resp.write_eof()
         return resp
 
+    async def embeddings(request: web.Request) -> web.Response:
+        body = orjson.loads(await request.read())
+        if latency_s:
+            await asyncio.sleep(latency_s)
+        given = body.get("input")
+        inputs = given if isinstance(given, list) else [given]
+        data = [
+            {"object": "embedding", "index": i, "embedding": [len(str(t)) / 100, 0.5, 0.25]}
+            for i, t in enumerate(inputs)
+        ]
+        tokens = sum(max(1, len(str(t)) // 4) for t in inputs)
+        answer = {
+            "object": "list",
+            "data": data,
+            "model": body.get("model"),
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+        return web.Response(body=orjson.dumps(answer), headers=JSON_HEADERS)
+
     async def health(_: web.Request) -> web.Response:
         return web.Response(body=b'{"status":"ok"}', headers=JSON_HEADERS)
 
@@ -105,6 +128,7 @@ def build_app(chunk_delay_s: float = 0.0) -> web.Application:
         [
             web.post("/v1/chat/completions", chat),
             web.post("/chat/completions", chat),
+            web.post("/v1/embeddings", embeddings),
             web.get("/health", health),
         ]
     )
@@ -116,6 +140,7 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--chunk-delay-ms", type=float, default=0.0, help="pause between stream chunks after the first")
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="delay before every answer")
     args = parser.parse_args()
     try:
         import uvloop
@@ -123,7 +148,13 @@ def main() -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
         pass
-    web.run_app(build_app(args.chunk_delay_ms / 1000), host=args.host, port=args.port, print=None, access_log=None)
+    web.run_app(
+        build_app(args.chunk_delay_ms / 1000, args.latency_ms / 1000),
+        host=args.host,
+        port=args.port,
+        print=None,
+        access_log=None,
+    )
 
 
 if __name__ == "__main__":

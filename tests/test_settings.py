@@ -124,3 +124,22 @@ def test_semantic_settings_are_checked_by_name(tmp_path: Path) -> None:
     settings = load_settings(write(tmp_path, "cache:\n  semantic: {enabled: true}\n"), env={})
     assert settings.cache.semantic.store == "memory://"
     assert not load_settings(None, env={}).cache.semantic.enabled  # off unless asked for
+
+
+def test_coalesce_settings_have_safe_defaults_and_are_checked_by_name(tmp_path: Path) -> None:
+    settings = load_settings(None, env={})
+    assert settings.coalesce.single_flight is True
+    assert settings.coalesce.embeddings_batch.enabled is True
+    assert settings.coalesce.embeddings_batch.max_wait_ms <= 100
+    bad = [
+        ("coalesce:\n  embeddings_batch: {max_wait_ms: 500}\n", r"coalesce\.embeddings_batch\.max_wait_ms"),
+        ("coalesce:\n  embeddings_batch: {max_items: 0}\n", r"coalesce\.embeddings_batch\.max_items"),
+        ("coalesce:\n  lease: {url: 'http://x'}\n", r"coalesce\.lease\.url"),
+        ("coalesce:\n  models: {m: {single_flight: maybe}}\n", r"coalesce\.models\.m\.single_flight"),
+        ("auth:\n  keys:\n    - {name: a, key: k, coalesce: {batch: false}}\n", r"auth\.keys\.0\.coalesce\.batch"),
+    ]
+    for text, expected in bad:
+        with pytest.raises(ConfigError, match=expected):
+            load_settings(write(tmp_path, text), env={})
+    env = {"ATAJO_COALESCE__EMBEDDINGS_BATCH__ENABLED": "false"}
+    assert load_settings(None, env=env).coalesce.embeddings_batch.enabled is False

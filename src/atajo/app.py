@@ -25,6 +25,7 @@ from prometheus_client.core import Metric
 
 from atajo.auth.keys import KeyRing
 from atajo.cache.service import CacheService
+from atajo.coalesce.lease import Claim, RedisLease
 from atajo.coalesce.singleflight import SingleFlight
 from atajo.core.catalog import Catalog
 from atajo.core.context import RequestContext
@@ -43,7 +44,7 @@ from atajo.server.edge import EdgeServer, Limits, Reply, Request
 from atajo.server.http import GatewayServer, Router
 from atajo.settings import Settings
 from atajo.stages.cache import CacheStage
-from atajo.stages.coalesce import CoalesceStage, SharedOutcome
+from atajo.stages.coalesce import CoalesceStage, Piece
 from atajo.stages.observe import ObserveStage
 from atajo.stages.upstream import Sleep, UpstreamStage
 
@@ -68,6 +69,7 @@ class Services:
     catalog: Catalog
     server: GatewayServer
     cache: CacheService | None
+    coalesce: CoalesceStage
 
 
 def build_table(settings: Settings) -> ModelTable:
@@ -109,7 +111,8 @@ def build_services(
     stages: list[Stage] = [ObserveStage(metrics, catalog)]
     cache: CacheService | None = None
     # Single-flight groups requests by the cache key, so it joins when the cache is on.
-    flight: SingleFlight[SharedOutcome] = SingleFlight()
+    flight: SingleFlight[Piece] = SingleFlight()
+    cache_stage: CacheStage | None = None
     if settings.cache.enabled:
         cache = CacheService(
             settings.cache,
@@ -122,8 +125,10 @@ def build_services(
             else None,
         )
         key_policies = {key.name: key.cache for key in settings.auth.keys}
-        stages.append(CacheStage(cache, settings.cache, key_policies, catalog, metrics, in_flight=flight.busy))
-    stages.append(CoalesceStage(flight))
+        cache_stage = CacheStage(cache, settings.cache, key_policies, catalog, metrics, in_flight=flight.busy)
+        stages.append(cache_stage)
+    coalesce = build_coalesce(settings, flight, cache_stage, metrics)
+    stages.append(coalesce)
     pipeline = build_pipeline(stages, upstream)
     server = GatewayServer(
         pipeline,
@@ -163,14 +168,62 @@ def build_services(
     metrics.add_collector(pool_metrics)
     if cache is not None:
         metrics.add_collector(partial(cache_metrics, cache))
-    metrics.add_collector(partial(flight_metrics, flight))
-    return Services(settings, metrics, pool, table, breakers, keys, catalog, server, cache)
+    metrics.add_collector(partial(coalesce_metrics, coalesce, metrics))
+    return Services(settings, metrics, pool, table, breakers, keys, catalog, server, cache, coalesce)
 
 
-def flight_metrics(flight: SingleFlight[SharedOutcome]) -> Iterable[Metric]:
+def build_coalesce(
+    settings: Settings,
+    flight: SingleFlight[Piece],
+    cache_stage: CacheStage | None,
+    metrics: GatewayMetrics,
+) -> CoalesceStage:
+    """Single-flight (needs the cache's key), its lease across instances (needs Redis) and the embeddings
+    micro-batcher, as the ``coalesce`` settings say."""
+    s = settings.coalesce
+    lease: RedisLease | None = None
+    redis_url = s.lease.url or next((t.url for t in settings.cache.tiers if t.kind == "redis"), None)
+    if cache_stage is not None and s.single_flight and s.lease.enabled and redis_url and cache_stage.shared:
+        lease = RedisLease(
+            redis_url,
+            ttl_s=s.lease.ttl_s,
+            wait_s=s.lease.wait_s,
+            poll_s=s.lease.poll_ms / 1000,
+            timeout_s=s.lease.timeout_s,
+            observer=metrics.coalesce,
+        )  # real time, not the injected sleep and clock: this is polling, not back-off
+    key_policies = {key.name: key.coalesce for key in settings.auth.keys}
+    stage = CoalesceStage(
+        flight,
+        settings=s,
+        key_policies=key_policies,
+        lease=lease,
+        lookup=cache_stage.peek if cache_stage is not None else None,
+    )
+    batch = s.embeddings_batch
+    if batch.enabled:
+        stage.embeddings_batcher(
+            max_wait_s=batch.max_wait_ms / 1000,
+            max_items=batch.max_items,
+            max_size=batch.max_chars,
+            observer=metrics.coalesce,
+        )
+    return stage
+
+
+def coalesce_metrics(stage: CoalesceStage, metrics: GatewayMetrics) -> Iterable[Metric]:
+    flight = stage.flight
+    found = metrics.coalesce.leases.labels(Claim.FOUND.value).value
+    yield counter_family(
+        "atajo_coalesce_calls_saved",
+        "Upstream calls saved: requests that shared an identical one's call (single_flight, in this instance or "
+        "another's through the lease) or went out in another's batch (batching)",
+        ["cause"],
+        [(["single_flight"], flight.followers + found), (["batching"], stage.batched_calls_saved)],
+    )
     yield counter_family(
         "atajo_coalesced_requests",
-        "Requests that shared an identical in-flight request's upstream call (calls saved)",
+        "Requests that shared an identical in-flight request's upstream call in this instance",
         [],
         [([], flight.followers)],
     )
@@ -239,6 +292,7 @@ class Gateway:
         self.services.server.accepting = False
 
     async def close(self) -> None:
+        await self.services.coalesce.close()
         if self.services.cache is not None:
             await self.services.cache.close()
         await self.services.pool.close()

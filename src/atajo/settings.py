@@ -67,6 +67,14 @@ class CachePolicy(_Model):
     semantic: bool | None = Field(None, description="use the semantic tier (when cache.semantic.enabled)")
 
 
+class CoalescePolicy(_Model):
+    """Per model (``coalesce.models``) or per key (``auth.keys[].coalesce``); unset fields inherit. The key's
+    policy wins over the model's, which wins over the ``coalesce`` section's defaults."""
+
+    single_flight: bool | None = Field(None, description="share identical requests in flight")
+    embeddings_batch: bool | None = Field(None, description="send concurrent embeddings requests as one call")
+
+
 class ApiKey(_Model):
     """A static key. Give ``key`` (read from env with ${VAR}) or its ``key_sha256`` so no secret is in the file."""
 
@@ -75,6 +83,7 @@ class ApiKey(_Model):
     key_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     tenant: str = Field("default", pattern=NAME_PATTERN, description="whose cache and data this key sees")
     cache: CachePolicy = Field(default_factory=CachePolicy)
+    coalesce: CoalescePolicy = Field(default_factory=CoalescePolicy)
 
     @model_validator(mode="after")
     def _one_of(self) -> ApiKey:
@@ -252,6 +261,38 @@ class CacheSettings(_Model):
         return self
 
 
+class LeaseSettings(_Model):
+    """Single-flight across instances: the first instance to miss takes a short Redis lease and calls the
+    provider; the others wait for its answer to appear in the shared cache tiers."""
+
+    enabled: bool = Field(True, description="when a Redis URL is known (this one, or the cache's Redis tier)")
+    url: str | None = Field(
+        None, pattern=r"^(redis|rediss|unix)://", description="default: the cache's Redis tier's URL"
+    )
+    ttl_s: PositiveFloat = Field(30.0, description="how long a lease holds if its instance never finishes")
+    wait_s: PositiveFloat = Field(30.0, description="longest wait for another instance's answer before calling")
+    poll_ms: float = Field(25.0, ge=1, le=1000, description="how often a waiting instance looks for the answer")
+    timeout_s: PositiveFloat = Field(0.25, description="longest wait for Redis before going without a lease")
+
+
+class EmbeddingsBatchSettings(_Model):
+    """Concurrent embeddings requests for the same model (same tenant and options) sent as one call."""
+
+    enabled: bool = True
+    max_wait_ms: float = Field(20.0, ge=0, le=100, description="longest a request waits for others to join")
+    max_items: int = Field(64, ge=1, le=2048, description="inputs per upstream call (a full batch goes at once)")
+    max_chars: int = Field(
+        200_000, ge=1, description="input characters per upstream call (a rough bound on its tokens)"
+    )
+
+
+class CoalesceSettings(_Model):
+    single_flight: bool = Field(True, description="identical requests in flight share one upstream call")
+    lease: LeaseSettings = Field(default_factory=LeaseSettings)
+    embeddings_batch: EmbeddingsBatchSettings = Field(default_factory=EmbeddingsBatchSettings)
+    models: dict[str, CoalescePolicy] = Field(default_factory=dict, description="per model name; '*' for the rest")
+
+
 class Settings(_Model):
     server: ServerSettings = Field(default_factory=ServerSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
@@ -260,6 +301,7 @@ class Settings(_Model):
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
     models: dict[str, ModelSettings] = Field(default_factory=dict)
     cache: CacheSettings = Field(default_factory=CacheSettings)
+    coalesce: CoalesceSettings = Field(default_factory=CoalesceSettings)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @model_validator(mode="after")

@@ -10,6 +10,7 @@ from atajo.core.answers import (
     is_complete_chat,
     is_complete_embeddings,
     pieces,
+    split_embeddings,
 )
 
 
@@ -99,3 +100,34 @@ def test_completeness() -> None:
     assert is_complete_embeddings({"data": [{"embedding": [0.1]}]})
     assert not is_complete_embeddings({"data": []})
     assert completion_from_chunks([]) is None
+
+
+def test_a_batched_embeddings_answer_is_cut_back_per_request_and_reindexed() -> None:
+    body = {
+        "object": "list",
+        "model": "text-embedding-3-small",
+        # out of order on purpose: the index says which input a vector belongs to
+        "data": [{"object": "embedding", "index": i, "embedding": [float(i)]} for i in (2, 0, 3, 1)],
+        "usage": {"prompt_tokens": 10, "total_tokens": 10},
+    }
+    parts = split_embeddings(body, counts=[1, 2, 1], weights=[1, 2, 2])
+    assert parts is not None
+    assert [[d["embedding"] for d in p["data"]] for p in parts] == [[[0.0]], [[1.0], [2.0]], [[3.0]]]
+    assert [[d["index"] for d in p["data"]] for p in parts] == [[0], [0, 1], [0]]
+    assert [p["usage"]["prompt_tokens"] for p in parts] == [2, 4, 4]  # in proportion to the characters
+    assert sum(p["usage"]["total_tokens"] for p in parts) == 10
+    assert all(p["model"] == "text-embedding-3-small" and p["object"] == "list" for p in parts)
+
+
+def test_usage_shares_always_add_up_to_the_whole() -> None:
+    body = {"data": [{"index": i, "embedding": []} for i in range(3)], "usage": {"prompt_tokens": 7, "total_tokens": 7}}
+    parts = split_embeddings(body, counts=[1, 1, 1], weights=[1, 1, 1])
+    assert parts is not None
+    assert sorted(p["usage"]["prompt_tokens"] for p in parts) == [2, 2, 3]
+
+
+def test_an_answer_with_the_wrong_number_of_vectors_is_not_split() -> None:
+    body = {"data": [{"index": 0, "embedding": [1.0]}]}
+    assert split_embeddings(body, counts=[1, 1], weights=[1, 1]) is None
+    duplicated = {"data": [{"index": 0, "embedding": [1.0]}, {"index": 0, "embedding": [1.0]}]}
+    assert split_embeddings(duplicated, counts=[1, 1], weights=[1, 1]) is None

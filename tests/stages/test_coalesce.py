@@ -13,7 +13,7 @@ from atajo.core.context import RequestContext
 from atajo.core.requests import ChatRequest, EmbeddingsRequest, Request
 from atajo.core.results import ChunkStream, Completion, Result, Usage
 from atajo.errors import AtajoError, UpstreamTimeout
-from atajo.stages.coalesce import CoalesceStage, SharedOutcome
+from atajo.stages.coalesce import CoalesceStage, Piece
 from atajo.types import JSONObject
 
 KEY = "default/default/gpt-4o-mini/v1-abc"
@@ -68,7 +68,7 @@ def context(n: int, cache_key: str | None = KEY) -> RequestContext:
 
 
 def stage() -> CoalesceStage:
-    flight: SingleFlight[SharedOutcome] = SingleFlight()
+    flight: SingleFlight[Piece] = SingleFlight()
     return CoalesceStage(flight)
 
 
@@ -166,23 +166,6 @@ async def test_a_leader_editing_its_answer_before_followers_wake_leaks_nothing()
     assert all(isinstance(r, Completion) and r.body["id"] == "chatcmpl-1" for r in results)
 
 
-async def test_streaming_requests_are_not_coalesced() -> None:
-    coalesce, terminal = stage(), Terminal()
-    contexts = [context(n) for n in range(3)]
-    tasks = [asyncio.create_task(coalesce(chat(stream=True), ctx, terminal)) for ctx in contexts]
-    await settle()
-    assert terminal.calls == 3
-    terminal.release.set()
-    results = await asyncio.gather(*tasks)
-
-    assert all(isinstance(r, ChunkStream) for r in results)
-    assert not any(ctx.coalesced for ctx in contexts)
-    assert coalesce.flight.leaders == 0
-    for r in results:
-        assert isinstance(r, ChunkStream)
-        assert [c async for c in r.chunks] == [{"object": "chat.completion.chunk", "choices": []}]
-
-
 async def test_requests_without_a_cache_key_are_not_coalesced() -> None:
     coalesce, terminal = stage(), Terminal()
     contexts = [context(n, cache_key=None) for n in range(3)]
@@ -196,7 +179,7 @@ async def test_requests_without_a_cache_key_are_not_coalesced() -> None:
 
 
 async def test_enabled_for_can_keep_a_request_out() -> None:
-    flight: SingleFlight[SharedOutcome] = SingleFlight()
+    flight: SingleFlight[Piece] = SingleFlight()
     coalesce = CoalesceStage(flight, enabled_for=lambda request, ctx: ctx.request_id != "req_2")
     terminal = Terminal()
     contexts = [context(n) for n in range(3)]

@@ -194,3 +194,44 @@ def chunks_from_completion(body: JSONObject, include_usage: bool) -> list[JSONOb
     if include_usage and isinstance(body.get("usage"), dict):
         out.append({**head, "choices": [], "usage": body["usage"]})
     return out
+
+
+def split_embeddings(body: JSONObject, counts: list[int], weights: list[int]) -> list[JSONObject] | None:
+    """One embeddings answer for many requests' inputs, cut back into one answer per request: request i had
+    ``counts[i]`` inputs, in order, and gets their vectors re-indexed from 0. ``usage`` is shared out in
+    proportion to ``weights`` (the requests' input characters; the parts add up to the whole). None when the
+    answer does not hold exactly one vector per input."""
+    data = body.get("data")
+    if not isinstance(data, list) or len(data) != sum(counts) or not all(isinstance(d, dict) for d in data):
+        return None
+    ordered = sorted(data, key=lambda d: int(d.get("index", 0)))
+    if [int(d.get("index", 0)) for d in ordered] != list(range(len(ordered))):
+        return None
+    usage = body.get("usage") if isinstance(body.get("usage"), dict) else None
+    shares = {
+        name: _apportion(int(usage.get(name) or 0), weights)
+        for name in ("prompt_tokens", "total_tokens")
+        if usage is not None and name in usage
+    }
+    parts: list[JSONObject] = []
+    start = 0
+    for i, count in enumerate(counts):
+        part: JSONObject = {k: v for k, v in body.items() if k not in ("data", "usage")}
+        part["data"] = [{**d, "index": n} for n, d in enumerate(ordered[start : start + count])]
+        if usage is not None:
+            part["usage"] = {**usage, **{name: values[i] for name, values in shares.items()}}
+        parts.append(part)
+        start += count
+    return parts
+
+
+def _apportion(total: int, weights: list[int]) -> list[int]:
+    """``total`` in whole parts proportional to ``weights`` (largest remainders), adding up to ``total``."""
+    weight = sum(weights)
+    if weight <= 0:
+        weights, weight = [1] * len(weights), len(weights)
+    exact = [total * w / weight for w in weights]
+    parts = [int(x) for x in exact]
+    for i in sorted(range(len(exact)), key=lambda i: exact[i] - parts[i], reverse=True)[: total - sum(parts)]:
+        parts[i] += 1
+    return parts

@@ -36,6 +36,9 @@ class RequestContext:
     cache_key: str | None = None
     """Set by the cache stage; single-flight groups requests by it."""
     cache_age_s: float | None = None
+    cache_shared: bool = False
+    """Set by the cache stage: this answer will be stored in a tier other instances read (Redis, SQL), so
+    another instance may wait for it there rather than call the provider too."""
     coalesced: bool = False
     """This request shared another one's upstream call (so it is neither priced nor stored again)."""
     simulated: bool = False

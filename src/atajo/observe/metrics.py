@@ -216,6 +216,41 @@ class SemanticMetrics:
         self._cache.writes.labels("semantic", outcome).inc()
 
 
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25)
+
+
+class CoalesceMetrics:
+    """What the coalesce stage's batcher and lease report (``BatchObserver``, ``LeaseObserver``)."""
+
+    def __init__(self) -> None:
+        self.batch_size = Histogram(
+            "atajo_coalesce_batch_size", "Requests sent together in one upstream call, per batch", ["cause"],
+            BATCH_SIZE_BUCKETS,
+        )  # fmt: skip
+        self.batch_wait = Histogram(
+            "atajo_coalesce_added_wait_seconds",
+            "Time a request waited for its batch to be sent (the latency batching added)",
+            ["cause"],
+            WAIT_BUCKETS,
+        )
+        self.leases = Counter(
+            "atajo_coalesce_leases",
+            "Cross-instance leases, by outcome (acquired, waited_hit, waited_timeout, error)",
+            ["outcome"],
+        )
+        self.own: list[Counter | Histogram] = [self.batch_size, self.batch_wait, self.leases]
+
+    def batch(self, items: int, waits_s: Sequence[float]) -> None:
+        self.batch_size.labels("batching").observe(items)
+        wait = self.batch_wait.labels("batching")
+        for seconds in waits_s:
+            wait.observe(seconds)
+
+    def lease(self, outcome: str) -> None:
+        self.leases.labels(outcome).inc()
+
+
 class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
@@ -280,10 +315,11 @@ class GatewayMetrics:
             ["gen_ai_request_model"],
         )
         self.cache = CacheMetrics()
+        self.coalesce = CoalesceMetrics()
         self._own: list[Counter | Histogram | Gauge] = [
             self.requests, self.request_duration, self.overhead, self.errors, self.in_flight,
             self.operation_duration, self.token_usage, self.ttft, self.attempts, self.attempt_duration,
-            self.retries, self.fallbacks, self.spend, self.cache_saved, *self.cache.own,
+            self.retries, self.fallbacks, self.spend, self.cache_saved, *self.cache.own, *self.coalesce.own,
         ]  # fmt: skip
         self.add_collector(lambda: (m.collect() for m in self._own))
         self._model_names: frozenset[str] = frozenset()

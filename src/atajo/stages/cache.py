@@ -93,6 +93,8 @@ class CacheStage:
         self.catalog = catalog
         self.metrics = metrics
         self._policies: dict[tuple[str, str], _Policy] = {}
+        self.shared = any(not tier.local for tier in self.chain.tiers)
+        """Whether a tier is shared with other instances (Redis, SQL): where their answers can be found."""
 
     async def __call__(self, request: Request, ctx: RequestContext, call_next: Handler) -> Result:
         plan = self.plan(request, ctx)
@@ -104,7 +106,8 @@ class CacheStage:
         key = ctx.cache_key = cache_key(request, tenant, plan.namespace)
         generation = self.chain.generation
         stale: Entry | None = None
-        joining = not request.stream and self.in_flight is not None and self.in_flight(key)
+        joining = self.in_flight is not None and self.in_flight(key)
+        ctx.cache_shared = plan.store and self.shared
         if plan.lookup and not joining:
             found = await self.chain.get(key, plan.max_age_s)
             if found.entry is not None and found.entry.value.startswith(_VALUE_PREFIX):
@@ -141,6 +144,19 @@ class CacheStage:
         else:
             result.chunks = fill.record(result.chunks)
         return result
+
+    async def peek(self, request: Request, ctx: RequestContext) -> Completion | None:
+        """The answer stored under ``ctx.cache_key`` now, as a whole completion (another instance's, waited for
+        through the coalesce stage's lease); None while there is none."""
+        if ctx.cache_key is None:
+            return None
+        found = await self.chain.get(ctx.cache_key)
+        entry = found.entry
+        if entry is None or not entry.value.startswith(_VALUE_PREFIX):
+            return None
+        answer = self._answer(request, ctx, entry, f"hit-{found.tier}", whole=True)
+        assert isinstance(answer, Completion)
+        return answer
 
     # --- deciding ---------------------------------------------------------------------------------
 
@@ -263,7 +279,7 @@ class CacheStage:
 
     # --- answering from the cache -----------------------------------------------------------------
 
-    def _answer(self, request: Request, ctx: RequestContext, entry: Entry, status: str) -> Result:
+    def _answer(self, request: Request, ctx: RequestContext, entry: Entry, status: str, whole: bool = False) -> Result:
         head, _, raw = entry.value.partition(b"\n")
         stored = orjson.loads(head)
         usage = Usage.from_openai(stored.get("usage"))
@@ -277,7 +293,7 @@ class CacheStage:
         info = self.catalog.get(upstream_model) if upstream_model else None
         if info is not None and usage is not None:
             self.metrics.cache_saved.labels(self.metrics.model_label(request.model)).inc(info.cost_micros(usage))
-        if request.stream:
+        if request.stream and not whole:
             include_usage = bool(getattr(request, "include_usage", False))
             return ChunkStream(_replay(chunks_from_completion(orjson.loads(raw), include_usage)), usage)
         return Completion(usage=usage, raw=raw)
