@@ -33,13 +33,12 @@ def test_eval_prints_its_figures_as_json_on_the_last_line(
     tmp_path: Path, rows: list[dict[str, object]], positives: int
 ) -> None:
     params = tmp_path / "config.yaml"
-    params.write_text("cache:\n  semantic:\n    decision:\n      weights: WEIGHTS\n      threshold: 0.3\n")
-    from atajo.cache.semantic.decision import Decider
-
-    params.write_text(params.read_text().replace("WEIGHTS", json.dumps(Decider.default().weights)))
-    result = CliRunner().invoke(eval_semantic, ["--pairs", write(tmp_path / "p.jsonl", rows), "--params", str(params)])
+    params.write_text("cache:\n  semantic:\n    decision:\n      model: default\n      threshold: 0.1\n")
+    pairs = write(tmp_path / "p.jsonl", rows)
+    result = CliRunner().invoke(eval_semantic, ["--pairs", pairs, "--params", str(params), "--at-recall", "0.3"])
     assert result.exit_code == 0, result.output
     figures = json.loads(result.output.strip().splitlines()[-1])
+    assert figures["at_recall"]["recall"] >= 0.3
     assert {"hits", "correct_hits", "wrong_hits", "precision", "recall"} <= figures.keys()
     assert figures["pairs"] == 3
     assert figures["positives"] == positives
@@ -82,4 +81,28 @@ def test_calibrate_writes_the_decision_into_the_config(tmp_path: Path, embedder:
 
     written = yaml.safe_load(config.read_text())
     assert written["server"] == {"port": 4000}
-    assert written["cache"]["semantic"]["decision"]["weights"] == report["decision"]["weights"]
+    decision = written["cache"]["semantic"]["decision"]
+    assert decision == report["decision"]
+    assert decision["model"] == "atajo.semantic-decision.npz" and (tmp_path / decision["model"]).is_file()
+    assert decision["target_error"] == 0.1
+    # What was written is what eval reads back.
+    result = CliRunner().invoke(eval_semantic, ["--pairs", str(tmp_path / "q.jsonl"), "--params", str(config)])
+    assert result.exit_code == 0, result.output
+
+
+def test_calibrate_can_keep_the_shipped_weights(tmp_path: Path, embedder: Embedder) -> None:
+    rows = [
+        {
+            "text_a": f"How do I cook rice number {i}?",
+            "text_b": f"How should I cook rice number {i}?",
+            "duplicate": i % 3 > 0,
+        }
+        for i in range(60)
+    ]
+    result = CliRunner().invoke(
+        calibrate, ["--pairs", write(tmp_path / "q.jsonl", rows), "--target-error", "0.4", "--keep-weights"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    assert report["decision"]["model"] == "default"
+    assert report["decision"]["target_error"] == 0.4
