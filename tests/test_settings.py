@@ -143,3 +143,9 @@ def test_coalesce_settings_have_safe_defaults_and_are_checked_by_name(tmp_path: 
             load_settings(write(tmp_path, text), env={})
     env = {"ATAJO_COALESCE__EMBEDDINGS_BATCH__ENABLED": "false"}
     assert load_settings(None, env=env).coalesce.embeddings_batch.enabled is False
+
+
+def test_a_decision_weights_file_is_found_beside_the_config(tmp_path: Path) -> None:
+    text = "cache:\n  semantic:\n    enabled: true\n    decision: {model: atajo.semantic-decision.npz}\n"
+    settings = load_settings(write(tmp_path, text), env={})
+    assert settings.cache.semantic.decision == {"model": str(tmp_path / "atajo.semantic-decision.npz")}

@@ -353,9 +353,15 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
     if "models" not in raw:
         raw["models"] = default_models(env)
     try:
-        return Settings.model_validate(raw)
+        settings = Settings.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from None
+    decision = settings.cache.semantic.decision
+    model = decision.get("model") if decision else None
+    if path is not None and decision is not None and isinstance(model, str) and model != "default":
+        # `atajo cache calibrate --write` names its weights file relative to the config's directory.
+        decision["model"] = str(Path(path).parent / Path(model).expanduser())
+    return settings
 
 
 def default_models(env: Mapping[str, str]) -> dict[str, Any]:

@@ -18,7 +18,6 @@ from tests.upstreams.live import LiveServer
 from tests.upstreams.openai_server import OpenAIUpstream
 
 try:
-    from atajo.cache.semantic.decision import Decider
     from atajo.cache.semantic.embedder import Embedder, EmbedderUnavailable
 
     Embedder().load()
@@ -34,7 +33,6 @@ KEY_B = "sk-tenant-b"
 KEY_OFF = "sk-no-semantic"
 ASKED = "How do I reset my password?"
 PARAPHRASE = "how do i reset my password"
-TMP = {"decision": Decider.default().to_dict() | {"threshold": 0.5}}
 
 
 def config(up: LiveServer, tmp_path: Path, **semantic: Any) -> dict[str, Any]:
@@ -50,7 +48,7 @@ def config(up: LiveServer, tmp_path: Path, **semantic: Any) -> dict[str, Any]:
         },
         "cache": {
             "tiers": [{"url": "memory://", "ttl_s": 300}, {"url": f"sqlite:///{tmp_path}/cache.db", "ttl_s": 3600}],
-            "semantic": {"enabled": True, **TMP, **semantic},
+            "semantic": {"enabled": True, **semantic},
         },
     }
 
@@ -254,7 +252,9 @@ def test_embeddings_can_come_from_a_configured_provider_model(
 ) -> None:
     upstream, up = openai_upstream
     upstream.embed_text = bag_of_words
-    cfg = config(up, tmp_path, embedder="embedder", dimension=64)
+    # The shipped network knows only the local model's vectors: with another model's, its lexical fallback
+    # decides (a real deployment fits its own with `atajo cache calibrate --embeddings-url`).
+    cfg = config(up, tmp_path, embedder="embedder", dimension=64, decision={"model": "default"})
     cfg["models"]["embedder"] = openai_model(up.url)
     gw = gateway(cfg)
     seed(gw, upstream)

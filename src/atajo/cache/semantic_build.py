@@ -40,7 +40,7 @@ def build_semantic(
         ) from None
     try:
         decider = Decider.from_dict(settings.decision) if settings.decision else Decider.default()
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OSError) as exc:
         raise ConfigError(f"cache.semantic.decision: {exc}", param="cache.semantic.decision") from None
     load = None
     if embed is None:

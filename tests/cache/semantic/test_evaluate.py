@@ -10,12 +10,12 @@ from atajo.cache.semantic.embedder import Embedder
 from atajo.cache.semantic.evaluate import load_pairs, split_of
 from atajo.cli.semantic import calibrate, eval_semantic
 
-ORIGIN_PAIRS = [
+ORIGIN_PAIRS: list[dict[str, object]] = [
     {"origin": "How do I reset my password?", "similar": "How can I change my password?"},
     {"origin": "What is the capital of France?", "similar": "Which city is the capital of France?"},
     {"origin": "How many calories are in 2 eggs?", "similar": "How many calories are in 3 eggs?"},
 ]
-DUPLICATE_PAIRS = [
+DUPLICATE_PAIRS: list[dict[str, object]] = [
     {"text_a": "How do I reset my password?", "text_b": "How can I change my password?", "duplicate": True},
     {"text_a": "Is it safe to eat raw eggs?", "text_b": "Is it not safe to eat raw eggs?", "duplicate": False},
     {"text_a": "What is the capital of France?", "text_b": "How tall is the Eiffel tower?", "duplicate": False},
@@ -33,13 +33,12 @@ def test_eval_prints_its_figures_as_json_on_the_last_line(
     tmp_path: Path, rows: list[dict[str, object]], positives: int
 ) -> None:
     params = tmp_path / "config.yaml"
-    params.write_text("cache:\n  semantic:\n    decision:\n      weights: WEIGHTS\n      threshold: 0.3\n")
-    from atajo.cache.semantic.decision import Decider
-
-    params.write_text(params.read_text().replace("WEIGHTS", json.dumps(Decider.default().weights)))
-    result = CliRunner().invoke(eval_semantic, ["--pairs", write(tmp_path / "p.jsonl", rows), "--params", str(params)])
+    params.write_text("cache:\n  semantic:\n    decision:\n      model: default\n      threshold: 0.1\n")
+    pairs = write(tmp_path / "p.jsonl", rows)
+    result = CliRunner().invoke(eval_semantic, ["--pairs", pairs, "--params", str(params), "--at-recall", "0.3"])
     assert result.exit_code == 0, result.output
     figures = json.loads(result.output.strip().splitlines()[-1])
+    assert figures["at_recall"]["recall"] >= 0.3
     assert {"hits", "correct_hits", "wrong_hits", "precision", "recall"} <= figures.keys()
     assert figures["pairs"] == 3
     assert figures["positives"] == positives
@@ -82,4 +81,53 @@ def test_calibrate_writes_the_decision_into_the_config(tmp_path: Path, embedder:
 
     written = yaml.safe_load(config.read_text())
     assert written["server"] == {"port": 4000}
-    assert written["cache"]["semantic"]["decision"]["weights"] == report["decision"]["weights"]
+    decision = written["cache"]["semantic"]["decision"]
+    assert decision == report["decision"]
+    assert decision["model"] == "atajo.semantic-decision.npz" and (tmp_path / decision["model"]).is_file()
+    assert decision["target_error"] == 0.1
+    # What was written is what eval reads back.
+    result = CliRunner().invoke(eval_semantic, ["--pairs", str(tmp_path / "q.jsonl"), "--params", str(config)])
+    assert result.exit_code == 0, result.output
+
+
+def test_calibrate_can_keep_the_shipped_weights(tmp_path: Path, embedder: Embedder) -> None:
+    rows = [
+        {
+            "text_a": f"How do I cook rice number {i}?",
+            "text_b": f"How should I cook rice number {i}?",
+            "duplicate": i % 3 > 0,
+        }
+        for i in range(60)
+    ]
+    result = CliRunner().invoke(
+        calibrate, ["--pairs", write(tmp_path / "q.jsonl", rows), "--target-error", "0.4", "--keep-weights"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    assert report["decision"]["model"] == "default"
+    assert report["decision"]["target_error"] == 0.4
+
+
+def test_eval_can_embed_through_an_openai_compatible_endpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """For a decision that will serve a provider's embeddings (cache.semantic.embedder): the texts are
+    embedded by that endpoint, with the key from the named environment variable."""
+    from tests.e2e.test_semantic_e2e import bag_of_words
+    from tests.upstreams.live import LiveServer
+    from tests.upstreams.openai_server import OpenAIUpstream
+
+    upstream = OpenAIUpstream(embed_text=bag_of_words)
+    monkeypatch.setenv("EMB_KEY", "sk-emb")
+    pairs = write(tmp_path / "p.jsonl", ORIGIN_PAIRS)
+    with LiveServer(upstream.app()) as server:
+        args = ["--pairs", pairs, "--embeddings-url", server.url + "/v1", "--embeddings-model", "emb"]
+        result = CliRunner().invoke(eval_semantic, [*args, "--api-key-env", "EMB_KEY"])
+        missing = CliRunner().invoke(eval_semantic, ["--pairs", pairs, "--embeddings-url", server.url + "/v1"])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.output.strip().splitlines()[-1])
+    assert figures["pairs"] == 3 and figures["wrong_hits"] == 0
+    calls = [r for r in upstream.received if r.path == "/v1/embeddings"]
+    assert calls and all(r.body["model"] == "emb" and r.headers["Authorization"] == "Bearer sk-emb" for r in calls)
+    assert sorted(t for r in calls for t in r.body["input"]) == sorted(
+        {str(t) for p in ORIGIN_PAIRS for t in p.values()}
+    )
+    assert missing.exit_code == 2 and "--embeddings-model" in missing.output

@@ -105,3 +105,13 @@ def test_graph_index_then_embedder_does_not_crash() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def test_neighbours_carry_a_copy_of_their_stored_vector() -> None:
+    index = VectorIndex(dimension=8)
+    index.add("p", "k1", unit(1), "one")
+    (found,) = index.search("p", unit(1), k=1)
+    assert found.vector is not None
+    assert np.allclose(found.vector, unit(1))
+    index.add("p", "k1", unit(2), "one, replaced")  # the slot is reused; the copy handed out is not touched
+    assert np.allclose(found.vector, unit(1))

@@ -49,8 +49,6 @@ def test_instances_share_semantic_entries_and_their_invalidation(
             "semantic": {
                 "enabled": True,
                 "store": pgvector_server.url,
-                # Lenient until the recalibrated decision lands: this test is about sharing, not deciding.
-                "decision": {**_default_decision(), "threshold": 0.5},
             },
         },
     }
@@ -75,9 +73,3 @@ def test_instances_share_semantic_entries_and_their_invalidation(
             cache = gw.gateway.services.cache
             assert cache is not None
             gw.call(cache.flush(tenant))
-
-
-def _default_decision() -> dict[str, Any]:
-    from atajo.cache.semantic.decision import Decider
-
-    return Decider.default().to_dict()

@@ -191,5 +191,7 @@ def test_a_broken_decision_in_config_is_a_config_error_naming_it() -> None:
 
     with pytest.raises(ConfigError, match=r"cache\.semantic\.decision"):
         build_semantic(SemanticSettings(enabled=True, decision={"weights": [1.0]}), embed=Recorder())
-    with pytest.raises(ConfigError, match=r"cache\.semantic\.decision"):
-        build_semantic(SemanticSettings(enabled=True, decision={"threshold": 0.5}), embed=Recorder())
+    with pytest.raises(ConfigError, match=r"cache\.semantic\.decision: unknown setting\(s\) treshold"):
+        build_semantic(SemanticSettings(enabled=True, decision={"treshold": 0.5}), embed=Recorder())
+    with pytest.raises(ConfigError, match=r"cache\.semantic\.decision: .*nowhere\.npz"):
+        build_semantic(SemanticSettings(enabled=True, decision={"model": "/nowhere.npz"}), embed=Recorder())

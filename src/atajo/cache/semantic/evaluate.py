@@ -9,9 +9,10 @@ Two formats of JSON lines are read:
   a hit on a duplicate pair is correct, a hit on a non-duplicate is a wrong answer served. Recall is hits
   on duplicate pairs over duplicate pairs.
 
-Both run the serving code: ``VectorIndex.search`` then ``Decider.decide``. Pairs are split deterministically
-by a hash of their texts into ``fit`` (30 %), ``calibrate`` (30 %) and ``test`` (40 %), so calibration
-never sees the pairs its result is judged on.
+Both run the serving code: ``VectorIndex.search`` then ``Decider.decide`` with the query's vector. Pairs are
+split deterministically by a hash of their texts into ``fit`` (30 %), ``calibrate`` (30 %) and ``test``
+(40 %), so calibration never sees the pairs its result is judged on. A hit is judged on the neighbour the
+decision chose (which need not be the nearest by cosine).
 """
 
 from __future__ import annotations
@@ -21,13 +22,21 @@ import json
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from atajo.cache.semantic.decision import Decider, LabelledPair, fit
+from atajo.cache.semantic.decision import (
+    COSINE_FLOOR,
+    Case,
+    Decider,
+    LabelledPair,
+    Match,
+    calibrate_thresholds,
+    fit_model,
+)
 from atajo.cache.semantic.embedder import Vectors
 from atajo.cache.semantic.index import Neighbour, VectorIndex
 
@@ -100,7 +109,9 @@ class Outcome:
     reason: str
     probability: float
     found_right: bool
-    """The best neighbour is the right entry (origin format) / the pair is a duplicate (duplicate format)."""
+    """The chosen neighbour (else the nearest) is the right entry (origin format) / the pair is a duplicate
+    (duplicate format)."""
+    query_vector: Vectors | None = field(default=None, compare=False, repr=False)
 
 
 def _no_progress(length: int, label: str) -> AbstractContextManager[Any]:
@@ -125,10 +136,14 @@ def embed_all(texts: Iterable[str], embed: EmbedFn, progress: Progress = _no_pro
     return vectors
 
 
-def run(pairs: Pairs, embed: EmbedFn, decider: Decider, progress: Progress = _no_progress, k: int = 4) -> list[Outcome]:
-    """Store and ask as the format says, deciding every asked text with ``decider``."""
+def run(
+    pairs: Pairs, embed: EmbedFn, decider: Decider | None, progress: Progress = _no_progress, k: int = 4
+) -> list[Outcome]:
+    """Store and ask as the format says, deciding every asked text with ``decider`` (``None``: only collect
+    the neighbours; nothing hits)."""
     vectors = embed_all([t for p in pairs.pairs for t in (p.stored, p.asked)], embed, progress)
-    index = VectorIndex(max_entries=max(1, 2 * len(pairs.pairs)))
+    dimension = len(next(iter(vectors.values()))) if vectors else 384  # the model's, local or a provider's
+    index = VectorIndex(dimension=dimension, max_entries=max(1, 2 * len(pairs.pairs)))
     outcomes: list[Outcome] = []
     if pairs.kind == "origin":
         for i, p in enumerate(pairs.pairs):
@@ -139,14 +154,20 @@ def run(pairs: Pairs, embed: EmbedFn, decider: Decider, progress: Progress = _no
             if pairs.kind == "duplicate":
                 partition = f"pair/{i}"
                 index.add(partition, f"pair/{i}", vectors[p.stored], p.stored)
-            neighbours = index.search(partition, vectors[p.asked], k=k)
-            match = decider.decide(p.asked, neighbours)
+            query_vector = vectors[p.asked]
+            neighbours = index.search(partition, query_vector, k=k)
+            match = (
+                decider.decide(p.asked, neighbours, query_vector) if decider else Match(False, None, 0.0, "collected")
+            )
             if pairs.kind == "duplicate":
                 index.delete(f"pair/{i}")
                 right = p.same
             else:
-                right = bool(neighbours) and neighbours[0].text == p.stored
-            outcomes.append(Outcome(p, tuple(neighbours), match.hit, match.reason, match.probability, right))
+                chosen = match.neighbour or (neighbours[0] if neighbours else None)
+                right = chosen is not None and chosen.text == p.stored
+            outcomes.append(
+                Outcome(p, tuple(neighbours), match.hit, match.reason, match.probability, right, query_vector)
+            )
             bar.update(1)
     return outcomes
 
@@ -192,6 +213,30 @@ def sweep(outcomes: Sequence[Outcome], decider: Decider, points: int = 101) -> l
     return rows
 
 
+def at_recall(outcomes: Sequence[Outcome], recall: float) -> dict[str, float]:
+    """The highest probability threshold whose recall reaches ``recall`` (vetoes and ambiguity held), and
+    the precision there: one point of the trade-off, for comparing decisions whatever their threshold."""
+    eligible = sorted(
+        (o for o in outcomes if o.reason in ("hit", "below_threshold")), key=lambda o: o.probability, reverse=True
+    )
+    positives = max(1, sum(o.pair.same for o in outcomes))
+    hits = correct = 0
+    for o in eligible:
+        hits += 1
+        correct += o.found_right
+        if correct / positives >= recall:
+            return {
+                "recall": round(correct / positives, 4),
+                "precision": round(correct / hits, 4),
+                "threshold": round(o.probability, 6),
+            }
+    return {
+        "recall": round(correct / positives, 4),
+        "precision": round(correct / hits, 4) if hits else 1.0,
+        "threshold": 0.0,
+    }
+
+
 def plot(rows: Sequence[dict[str, float]], decider: Decider, path: str | Path, title: str) -> None:
     try:
         import matplotlib
@@ -217,12 +262,34 @@ def plot(rows: Sequence[dict[str, float]], decider: Decider, path: str | Path, t
     plt.close(fig)
 
 
-def labelled(outcomes: Sequence[Outcome]) -> Iterator[LabelledPair]:
-    """What fitting learns from: the asked text against its best neighbour, labelled right or wrong."""
+def labelled(kind: str, outcomes: Sequence[Outcome], floor: float) -> Iterator[LabelledPair]:
+    """What fitting learns from: the asked text against each neighbour at or above ``floor``, labelled
+    same or different (origin format: whether it holds the pair's origin; duplicate format: the label)."""
     for o in outcomes:
-        if o.neighbours:
-            best = o.neighbours[0]
-            yield LabelledPair(o.pair.asked, best.text, best.score, o.found_right)
+        for n in o.neighbours:
+            if n.score >= floor:
+                same = n.text == o.pair.stored if kind == "origin" else o.pair.same
+                yield LabelledPair(o.pair.asked, n.text, n.score, same, o.query_vector, n.vector)
+
+
+def cases(kind: str, outcomes: Sequence[Outcome]) -> list[Case]:
+    """What calibration decides: every asked text with its neighbours and how to judge a hit."""
+    return [
+        Case(o.pair.asked, o.neighbours, o.query_vector, o.pair.same, o.pair.stored if kind == "origin" else None)
+        for o in outcomes
+    ]
+
+
+def _split_runs(
+    path: str | Path, embed: EmbedFn, progress: Progress, limit: int | None
+) -> tuple[str, dict[str, list[Outcome]]]:
+    everything = load_pairs(path, "all", limit)
+    by_split: dict[str, list[Pair]] = {"fit": [], "calibrate": [], "test": []}
+    for p in everything.pairs:
+        by_split[split_of(p)].append(p)
+    return everything.kind, {
+        name: run(Pairs(everything.kind, ps), embed, None, progress) for name, ps in by_split.items()
+    }
 
 
 def calibrate(
@@ -231,22 +298,48 @@ def calibrate(
     target_error: float = 0.02,
     progress: Progress = _no_progress,
     limit: int | None = None,
+    calibration_path: str | Path | None = None,
+    refit: bool = True,
 ) -> tuple[Decider, dict[str, Any]]:
-    """Fit on the ``fit`` split, calibrate on ``calibrate``, and report figures on the held-out ``test``."""
-    everything = load_pairs(path, "all", limit)
-    by_split: dict[str, list[Pair]] = {"fit": [], "calibrate": [], "test": []}
-    for p in everything.pairs:
-        by_split[split_of(p)].append(p)
-    probe = Decider(cosine_floor=-1.0, min_margin=-1.0)  # only collects neighbours; never hits
-    runs = {name: run(Pairs(everything.kind, ps), embed, probe, progress) for name, ps in by_split.items()}
-    decider = fit(list(labelled(runs["fit"])), list(labelled(runs["calibrate"])), target_error)
-    test = [
-        Outcome(o.pair, o.neighbours, m.hit, m.reason, m.probability, o.found_right)
-        for o in runs["test"]
-        for m in (decider.decide(o.pair.asked, o.neighbours),)
-    ]
-    report = summarize(everything.kind, test) | {"split": "test", "decision": decider.to_dict()}
+    """Fit the pair models on the ``fit`` split of ``path`` (unless ``refit`` is false: then the shipped
+    weights are kept), calibrate the thresholds to ``target_error`` on the ``calibrate`` split of
+    ``calibration_path`` (default: ``path``), and report figures on the held-out ``test`` split of each.
+
+    With a separate ``calibration_path``, the ``calibrate`` split of ``path`` would sit idle, so the models
+    are fitted on the ``fit`` and ``calibrate`` splits of ``path`` (60 %); ``test`` stays held out."""
+    kind, runs = _split_runs(path, embed, progress, limit)
+    if refit:
+        fitting = runs["fit"] + (runs["calibrate"] if calibration_path is not None else [])
+        model = fit_model(list(labelled(kind, fitting, COSINE_FLOOR)), COSINE_FLOOR)
+        decider = Decider(model=model, threshold=0.0, lexical_threshold=0.0)
+    else:
+        decider = Decider(threshold=0.0, lexical_threshold=0.0)
+    calibration_kind, calibration_runs = (
+        (kind, runs) if calibration_path is None else _split_runs(calibration_path, embed, progress, limit)
+    )
+    calibrate_thresholds(decider, cases(calibration_kind, calibration_runs["calibrate"]), target_error)
+    report: dict[str, Any] = {"split": "test", "decision": decider.to_dict()}
+    tests = [(Path(path).name, kind, runs["test"])]
+    if calibration_path is not None:
+        tests.append((Path(calibration_path).name, calibration_kind, calibration_runs["test"]))
+    for name, test_kind, outcomes in tests:
+        decided = [
+            Outcome(
+                o.pair, o.neighbours, m.hit, m.reason, m.probability, _judge(test_kind, o, m.neighbour), o.query_vector
+            )
+            for o in outcomes
+            for m in (decider.decide(o.pair.asked, o.neighbours, o.query_vector),)
+        ]
+        figures = summarize(test_kind, decided)
+        report |= figures if len(tests) == 1 else {name: figures}
     return decider, report
+
+
+def _judge(kind: str, outcome: Outcome, chosen: Neighbour | None) -> bool:
+    if kind == "duplicate":
+        return outcome.pair.same
+    chosen = chosen or (outcome.neighbours[0] if outcome.neighbours else None)
+    return chosen is not None and chosen.text == outcome.pair.stored
 
 
 class CachedEmbed:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -35,6 +35,8 @@ class Neighbour:
     """The meaning-bearing text that was embedded (the match decision compares it with the query)."""
     score: float
     """Cosine similarity with the query, in [-1, 1]."""
+    vector: Vector | None = field(default=None, compare=False, repr=False)
+    """The stored unit vector (a copy), for a decision that looks at more than the cosine; may be absent."""
 
 
 class _Partition:
@@ -194,13 +196,17 @@ class VectorIndex:
             self._where.clear()
 
     def search(self, partition: str, vector: Vector, k: int = 2) -> list[Neighbour]:
-        """The ``k`` nearest entries of ``partition`` by cosine, best first (fewer if it holds fewer)."""
+        """The ``k`` nearest entries of ``partition`` by cosine, best first (fewer if it holds fewer), each with
+        a copy of its stored vector."""
         query = np.asarray(vector, dtype=np.float32).reshape(-1)
         with self._lock:
             part = self._partitions.get(partition)
             if part is None or k < 1:
                 return []
-            return [Neighbour(part.keys[s], part.texts[s], score) for s, score in part.search(query, k)]
+            return [
+                Neighbour(part.keys[s], part.texts[s], score, part.matrix[s].copy())
+                for s, score in part.search(query, k)
+            ]
 
     def _remove(self, key: str) -> None:
         partition, slot = self._where.pop(key)

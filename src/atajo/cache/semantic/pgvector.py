@@ -96,12 +96,13 @@ class PgVectorStore:
         self._opening = asyncio.Lock()
         t = table
         near = (
-            f"SELECT key, text, embedding <=> $1 AS distance FROM {t}"
+            f"SELECT key, text, embedding <=> $1 AS distance, embedding FROM {t}"
             " WHERE partition = $2 AND keep_until > $3 ORDER BY embedding <=> $1 LIMIT $4"
         )
         # ``OFFSET 0`` fences the inner query: its rows are sorted by exact distance, never read through HNSW
         exact = (
-            f"SELECT key, text, distance FROM (SELECT key, text, embedding <=> $1 AS distance FROM {t}"
+            f"SELECT key, text, distance, embedding FROM (SELECT key, text, embedding <=> $1 AS distance, embedding"
+            f" FROM {t}"
             " WHERE partition = $2 AND keep_until > $3 AND (SELECT count(*) FROM near) < $4 OFFSET 0) AS p"
             " ORDER BY distance LIMIT $4"
         )
@@ -207,12 +208,13 @@ class PgVectorStore:
         query = np.asarray(vector, dtype=np.float32).reshape(-1)
         async with await self._connection() as conn:
             rows = await conn.fetch(self._search, query, partition, now, k, timeout=self.timeout_s)
-        best: dict[str, tuple[float, str]] = {}
-        for key, text, distance in rows:
+        # The decision looks at the stored vectors too (the codec returns pgvector's ``Vector`` objects).
+        best: dict[str, tuple[float, str, Vector]] = {}
+        for key, text, distance, embedding in rows:
             if key not in best or distance < best[key][0]:
-                best[key] = (distance, text)
+                best[key] = (distance, text, np.asarray(embedding.to_numpy(), dtype=np.float32))
         ranked = sorted(best.items(), key=lambda item: (item[1][0], item[0]))[:k]
-        return [Neighbour(key, text, 1.0 - distance) for key, (distance, text) in ranked]
+        return [Neighbour(key, text, 1.0 - distance, stored) for key, (distance, text, stored) in ranked]
 
     async def add_many(self, entries: Sequence[VectorEntry]) -> None:
         """One pipelined ``executemany`` (one round trip, one transaction); a key twice: the last wins."""

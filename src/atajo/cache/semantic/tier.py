@@ -214,7 +214,7 @@ class SemanticTier:
             log.warning("semantic cache lookup failed: %s", type(exc).__name__)
             self.observer.lookup("error", time.perf_counter() - started)
             return None
-        match = self.decider.decide(query.text, neighbours)
+        match = self.decider.decide(query.text, neighbours, query_vector=vector)
         self.observer.lookup(match.reason, time.perf_counter() - started)
         return Found(query, match)
 
