@@ -1,7 +1,7 @@
 """Fit the routing complexity estimator (``atajo.routing.complexity``) on RouteLLM-style labels.
 
     PYTHONPATH=src python scripts/fit_complexity.py --labels ../shared/data/routing/routellm_labels_dev.jsonl \
-        --out src/atajo/routing/complexity.json --cv 20,40,80 --cross-fit
+        --out src/atajo/routing/complexity.json --cv 20,40,80 --cross-fit --unseen-subjects
 
 Reads only the ``fit`` split (2/3 of the prompts, chosen by a hash of the prompt: ``evaluate.split_of``), fits
 two L2-regularised logistic heads (strong model correct, weak model correct) over the serving code's own
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import random
 import sys
 import time
 from collections import Counter
@@ -139,6 +140,22 @@ def cross_fit(items: Sequence[Labelled], l2: float, min_df: int, epochs: int) ->
     return summarize(scores, held)
 
 
+def leave_subjects_out(items: Sequence[Labelled], l2: float, min_df: int, epochs: int) -> dict[str, Any]:
+    """MMLU prompts of subjects the model never saw: 5 folds of subjects, each scored by a model fitted on the
+    other subjects (and all GSM8K). The owners' held-out split may hold subjects this file does not."""
+    subjects = sorted({it.subject for it in items if it.benchmark == "mmlu"})
+    random.Random(1).shuffle(subjects)
+    scores: list[float] = []
+    held: list[Labelled] = []
+    for k in range(5):
+        chosen = set(subjects[k::5])
+        model = fit([it for it in items if it.subject not in chosen], l2, min_df, epochs, {})
+        test = [it for it in items if it.benchmark == "mmlu" and it.subject in chosen]
+        scores += score_all(model, test)
+        held += test
+    return summarize(scores, held)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--labels", required=True, help="JSON lines {benchmark, subject, prompt, weak_correct, ...}")
@@ -148,6 +165,7 @@ def main() -> None:
     parser.add_argument("--min-df", type=int, default=3, help="keep features seen in at least this many prompts")
     parser.add_argument("--epochs", type=int, default=300)
     parser.add_argument("--cross-fit", action="store_true", help="also record 3-fold cross-fitted figures on all")
+    parser.add_argument("--unseen-subjects", action="store_true", help="also record leave-subjects-out MMLU figures")
     args = parser.parse_args()
 
     started = time.perf_counter()
@@ -162,7 +180,8 @@ def main() -> None:
         "l2": l2,
         "min_df": args.min_df,
         "epochs": args.epochs,
-        "features": f"u:<token> and b:<word>_<word> on the first {MAX_CHARS} chars, lower-cased; dense {list(DENSE)}",
+        "features": f"u:<token>, b:<word>_<word> on the first {MAX_CHARS} chars lower-cased, each also prefixed by "
+        f"the prompt's format (open| or choice|); dense {list(DENSE)}",
     }
     model = fit(fit_items, l2, args.min_df, args.epochs, meta)
     Path(args.out).write_text(json.dumps(model.to_dict(), separators=(",", ":")) + "\n", encoding="utf-8")
@@ -174,6 +193,9 @@ def main() -> None:
     if args.cross_fit:
         meta["cross_fit_all"] = cross_fit(load_labels(args.labels, "all"), l2, args.min_df, args.epochs)
         print(f"cross-fitted on all labels: {json.dumps(meta['cross_fit_all'])}", file=sys.stderr)
+    if args.unseen_subjects:
+        meta["unseen_subjects_mmlu"] = leave_subjects_out(load_labels(args.labels, "all"), l2, args.min_df, args.epochs)
+        print(f"MMLU, unseen subjects: {json.dumps(meta['unseen_subjects_mmlu'])}", file=sys.stderr)
     final = ComplexityModel(shipped.weights, shipped.dense_weights, shipped.bias, shipped.max_chars, meta)
     Path(args.out).write_text(json.dumps(final.to_dict(), separators=(",", ":")) + "\n", encoding="utf-8")
     took = time.perf_counter() - started
