@@ -1,4 +1,4 @@
-"""``atajo serve``, ``atajo config check``, ``atajo cache ...``, ``atajo --version``."""
+"""``atajo serve``, ``atajo config check``, ``atajo cache ...``, ``atajo eval ...``, ``atajo --version``."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import click
 
 from atajo import __version__
 from atajo.cli.cache import cache
+from atajo.cli.routing import eval_routing
 from atajo.cli.semantic import calibrate, eval_semantic
 from atajo.errors import ConfigError
 from atajo.settings import Settings, load_settings
@@ -209,6 +210,7 @@ def evaluate() -> None:
 
 
 evaluate.add_command(eval_semantic)
+evaluate.add_command(eval_routing)
 
 
 def main() -> None:
