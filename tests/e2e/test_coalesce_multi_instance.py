@@ -32,10 +32,15 @@ def redis_up() -> None:
         pytest.skip("Redis is not reachable on 127.0.0.1:6379")
 
 
-def config(up: LiveServer, redis_url: str) -> dict[str, Any]:
+def config(up: LiveServer, redis_url: str, timeout_s: float = 0.2) -> dict[str, Any]:
+    """``timeout_s`` bounds each Redis call; a call past it counts as Redis being down (each instance then
+    calls the provider itself), so the Redis-up test allows for a loaded machine."""
     return {
         "models": {"fast": openai_model(up.url)},
-        "cache": {"tiers": [{"url": "memory://", "ttl_s": 300}, {"url": redis_url, "ttl_s": 300, "timeout_s": 0.2}]},
+        "cache": {
+            "tiers": [{"url": "memory://", "ttl_s": 300}, {"url": redis_url, "ttl_s": 300, "timeout_s": timeout_s}]
+        },
+        "coalesce": {"lease": {"timeout_s": timeout_s}},
     }
 
 
@@ -65,7 +70,8 @@ async def test_200_identical_requests_across_two_instances_sharing_redis_make_on
 ) -> None:
     upstream, up = openai_upstream
     upstream.always = Fault(delay_s=0.3)  # every copy arrives while the first is in flight
-    first, second = gateway(config(up, "redis://127.0.0.1:6379/0")), gateway(config(up, "redis://127.0.0.1:6379/0"))
+    redis = "redis://127.0.0.1:6379/0"
+    first, second = gateway(config(up, redis, timeout_s=5.0)), gateway(config(up, redis, timeout_s=5.0))
     namespace = "t" + uuid.uuid4().hex[:12]  # this run's own entries and leases in the shared Redis
 
     results = await burst([first.url, second.url], 200, namespace)
