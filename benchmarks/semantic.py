@@ -211,7 +211,7 @@ def _measure_gateway(fleet: Fleet, tmp: Path, args: argparse.Namespace, res: Res
             samples[f"miss-{name}"].append(reply.ms)
         stored, paraphrase = pairs[i % 2]
         reply = clients["on"].chat(
-            chat_body(paraphrase + " " * (1 + i % 50))  # new wording each time: no exact hit
+            chat_body(paraphrase + " " * (1 + i))  # new bytes each time: no exact hit
         )
         if reply.cache == "hit-semantic":
             samples["hit-semantic"].append(reply.ms)
