@@ -86,6 +86,7 @@ from benchmarks.run import (
     environment,
     median,
     publish,
+    replace_marked,
     say,
     self_cpu_seconds,
     wait_ready,
@@ -1035,13 +1036,7 @@ namespaces of its own and flushed at the end. About 2.5 minutes; every count and
 
 
 def write_doc(path: Path, section: str) -> None:
-    block = f"{BEGIN}\n{section}{END}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start, end = text.find(BEGIN), text.find(END)
-    if start != -1 and end > start:
-        path.write_text(text[:start] + block + text[end + len(END) :])
-    else:
-        path.write_text(text.rstrip() + "\n\n" + DOC_INTRO + "\n" + block + "\n")
+    replace_marked(path, BEGIN, END, section, DOC_INTRO)
 
 
 # --- main ------------------------------------------------------------------------------------------

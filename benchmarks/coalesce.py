@@ -54,6 +54,7 @@ from benchmarks.run import (
     environment,
     free_port,
     publish,
+    replace_marked,
     say,
     wait_ready,
 )
@@ -308,13 +309,7 @@ def render(res: Results) -> str:
 
 
 def write_doc(path: Path, section: str) -> None:
-    block = f"{BEGIN}\n{section}{END}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start, end = text.find(BEGIN), text.find(END)
-    if start != -1 and end > start:
-        path.write_text(text[:start] + block + text[end + len(END) :])
-    else:
-        path.write_text(text.rstrip() + "\n\n" + DOC_INTRO + "\n" + block + "\n")
+    replace_marked(path, BEGIN, END, section, DOC_INTRO)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:

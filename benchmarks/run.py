@@ -857,6 +857,18 @@ DOC_TITLE = "# Benchmarks\n\nMeasured by `benchmarks/run.py` (see its docstring)
 DOC_RESULTS_HEADER = "## Results\n\n"
 
 
+def replace_marked(path: Path, begin: str, end: str, section: str, intro: str) -> None:
+    """Put ``section`` between the ``begin`` / ``end`` markers of ``path``; where they are not there yet,
+    append ``intro`` and the marked section (each benchmark script owns one such section)."""
+    block = f"{begin}\n{section}{end}"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    start, stop = text.find(begin), text.find(end)
+    if start != -1 and stop > start:
+        path.write_text(text[:start] + block + text[stop + len(end) :])
+    else:
+        path.write_text(text.rstrip() + "\n\n" + intro + "\n" + block + "\n")
+
+
 def write_doc(path: Path, section: str) -> None:
     block = f"{RESULTS_BEGIN}\n{section}{RESULTS_END}"
     if path.exists():

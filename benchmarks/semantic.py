@@ -33,7 +33,19 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.cache import MASTER_KEY, Caller, chat_body
-from benchmarks.run import HOST, Dist, Fleet, _interrupt, _verdict, command_line, environment, publish, say, wait_ready
+from benchmarks.run import (
+    HOST,
+    Dist,
+    Fleet,
+    _interrupt,
+    _verdict,
+    command_line,
+    environment,
+    publish,
+    replace_marked,
+    say,
+    wait_ready,
+)
 
 LOOKUP_P50_MAX_MS = 15.0
 BEGIN = "<!-- semantic-results:begin -->"
@@ -288,13 +300,7 @@ def render(res: Results, args: argparse.Namespace) -> str:
 
 
 def write_doc(path: Path, section: str) -> None:
-    block = f"{BEGIN}\n{section}{END}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start, end = text.find(BEGIN), text.find(END)
-    if start != -1 and end > start:
-        path.write_text(text[:start] + block + text[end + len(END) :])
-    else:
-        path.write_text(text.rstrip() + "\n\n## Semantic tier\n\n" + block + "\n")
+    replace_marked(path, BEGIN, END, section, "## Semantic tier\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,6 +45,21 @@ class Entry:
         return self.key[len(self.tenant) + 1 :]
 
 
+class Selectable(Protocol):
+    """What an invalidation looks at: an exact entry or a vector entry pointing at one."""
+
+    @property
+    def tenant(self) -> str: ...
+
+    @property
+    def namespace(self) -> str: ...
+
+    @property
+    def tags(self) -> frozenset[str]: ...
+
+    def relative_key(self) -> str: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Selector:
     """Which entries an invalidation drops: those of ``tenant`` (``None``: every tenant) that match every
@@ -60,8 +75,9 @@ class Selector:
         if not self.tags and self.namespace is None and self.key_prefix is None:
             raise ValueError("a selector needs tags, a namespace or a key prefix")
 
-    def matches(self, entry: Entry) -> bool:
-        """The reference semantics every backend must implement (the contract tests check them)."""
+    def matches(self, entry: Selectable) -> bool:
+        """The reference semantics every backend must implement (the contract tests check them), for exact
+        entries and the semantic tier's vector entries alike."""
         if self.tenant is not None and entry.tenant != self.tenant:
             return False
         if self.tags and self.tags.isdisjoint(entry.tags):

@@ -40,14 +40,8 @@ class VectorEntry:
 
 
 def selector_matches(selector: Selector, entry: VectorEntry) -> bool:
-    """``Selector.matches`` for vector entries (same rules as the exact tiers)."""
-    if selector.tenant is not None and entry.tenant != selector.tenant:
-        return False
-    if selector.tags and selector.tags.isdisjoint(entry.tags):
-        return False
-    if selector.namespace is not None and entry.namespace != selector.namespace:
-        return False
-    return selector.key_prefix is None or entry.relative_key().startswith(selector.key_prefix)
+    """``Selector.matches`` for vector entries: the same rules as the exact tiers'."""
+    return selector.matches(entry)
 
 
 class VectorStore(Protocol):
