@@ -128,6 +128,8 @@ def build_services(
         cache_stage = CacheStage(cache, settings.cache, key_policies, catalog, metrics, in_flight=flight.busy)
         stages.append(cache_stage)
     coalesce = build_coalesce(settings, flight, cache_stage, metrics)
+    if cache_stage is not None:
+        cache_stage.grouping_for = coalesce.grouping
     stages.append(coalesce)
     pipeline = build_pipeline(stages, upstream)
     server = GatewayServer(
@@ -168,7 +170,7 @@ def build_services(
     metrics.add_collector(pool_metrics)
     if cache is not None:
         metrics.add_collector(partial(cache_metrics, cache))
-    metrics.add_collector(partial(coalesce_metrics, coalesce, metrics))
+    metrics.add_collector(partial(coalesce_metrics, coalesce, metrics, cache_stage))
     return Services(settings, metrics, pool, table, breakers, keys, catalog, server, cache, coalesce)
 
 
@@ -211,15 +213,23 @@ def build_coalesce(
     return stage
 
 
-def coalesce_metrics(stage: CoalesceStage, metrics: GatewayMetrics) -> Iterable[Metric]:
+def coalesce_metrics(
+    stage: CoalesceStage, metrics: GatewayMetrics, cache_stage: CacheStage | None = None
+) -> Iterable[Metric]:
     flight = stage.flight
     found = metrics.coalesce.leases.labels(Claim.FOUND.value).value
+    grouped = cache_stage.grouped if cache_stage is not None else 0  # followers too, told apart here
     yield counter_family(
         "atajo_coalesce_calls_saved",
         "Upstream calls saved: requests that shared an identical one's call (single_flight, in this instance or "
-        "another's through the lease) or went out in another's batch (batching)",
+        "another's through the lease), went out in another's batch (batching), or shared the call of the same "
+        "question asked in other words (grouping)",
         ["cause"],
-        [(["single_flight"], flight.followers + found), (["batching"], stage.batched_calls_saved)],
+        [
+            (["single_flight"], flight.followers - grouped + found),
+            (["batching"], stage.batched_calls_saved),
+            (["grouping"], grouped),
+        ],
     )
     yield counter_family(
         "atajo_coalesced_requests",

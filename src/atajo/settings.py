@@ -73,6 +73,7 @@ class CoalescePolicy(_Model):
 
     single_flight: bool | None = Field(None, description="share identical requests in flight")
     embeddings_batch: bool | None = Field(None, description="send concurrent embeddings requests as one call")
+    grouping: bool | None = Field(None, description="share a call with an in-flight request asking the same question")
 
 
 class ApiKey(_Model):
@@ -290,6 +291,11 @@ class CoalesceSettings(_Model):
     single_flight: bool = Field(True, description="identical requests in flight share one upstream call")
     lease: LeaseSettings = Field(default_factory=LeaseSettings)
     embeddings_batch: EmbeddingsBatchSettings = Field(default_factory=EmbeddingsBatchSettings)
+    grouping: bool = Field(
+        True,
+        description="chat requests the semantic match decision says ask the same question share one call "
+        "(where the semantic tier is on for them)",
+    )
     models: dict[str, CoalescePolicy] = Field(default_factory=dict, description="per model name; '*' for the rest")
 
 

@@ -5,6 +5,7 @@ tag reaches semantic entries; hits replay as streams; policies turn the tier off
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import pytest
 
 from tests.conftest import IN_CI, GatewayFactory, openai_model
 from tests.upstreams.live import LiveServer
-from tests.upstreams.openai_server import OpenAIUpstream
+from tests.upstreams.openai_server import Fault, OpenAIUpstream
 
 try:
     from atajo.cache.semantic.embedder import Embedder, EmbedderUnavailable
@@ -278,3 +279,52 @@ def test_a_provider_embedder_must_be_a_model_and_needs_its_own_decision(tmp_path
     path.write_text(models + "cache:\n  semantic: {enabled: true, embedder: emb}\n")
     with pytest.raises(ConfigError, match=r"cache\.semantic\.decision: required with a provider embedder"):
         load_settings(path, env={})
+
+
+async def _together(gw: LiveServer, texts: list[str], key: str = KEY_A) -> list[Any]:
+    """Send ``texts`` 50 ms apart, all while the first is still being answered."""
+    sdk = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0)
+
+    async def one(i: int, text: str) -> Any:
+        await asyncio.sleep(0.05 * i)
+        return await sdk.chat.completions.with_raw_response.create(
+            model="fast", messages=[{"role": "user", "content": text}]
+        )
+
+    try:
+        return await asyncio.gather(*(one(i, t) for i, t in enumerate(texts)))
+    finally:
+        await sdk.close()
+
+
+async def test_requests_in_flight_asking_the_same_question_share_one_call(
+    gateway: GatewayFactory, openai_upstream: Upstream, tmp_path: Path
+) -> None:
+    upstream, up = openai_upstream
+    upstream.always = Fault(delay_s=0.6)
+    gw = gateway(config(up, tmp_path))
+    first, second, other = await _together(gw, [ASKED, PARAPHRASE, "What was the population of Peru in 2019?"])
+    assert len([r for r in upstream.received if r.path == "/v1/chat/completions"]) == 2
+    assert second.headers["x-atajo-grouped-with"] == first.headers["x-atajo-cache-key"]
+    assert second.headers["x-atajo-coalesced"] == "true"
+    assert second.parse().choices[0].message.content == first.parse().choices[0].message.content
+    assert "x-atajo-grouped-with" not in other.headers
+    async with httpx.AsyncClient() as client:
+        metrics = (await client.get(gw.url + "/metrics")).text
+    assert 'atajo_coalesce_calls_saved_total{cause="grouping"} 1.0' in metrics
+    assert 'atajo_coalesce_calls_saved_total{cause="single_flight"} 0.0' in metrics
+
+
+async def test_grouping_never_joins_a_different_number_and_can_be_turned_off(
+    gateway: GatewayFactory, openai_upstream: Upstream, tmp_path: Path
+) -> None:
+    upstream, up = openai_upstream
+    upstream.always = Fault(delay_s=0.6)
+    cfg = config(up, tmp_path)
+    cfg["auth"]["keys"].append({"name": "solo", "key": "sk-solo", "tenant": "solo", "coalesce": {"grouping": False}})
+    gw = gateway(cfg)
+    answers = await _together(gw, ["How many moons does Mars have in 2019?", "How many moons does Mars have in 2020?"])
+    assert all("x-atajo-grouped-with" not in a.headers for a in answers)
+    answers = await _together(gw, [ASKED, PARAPHRASE], key="sk-solo")
+    assert all("x-atajo-grouped-with" not in a.headers for a in answers)
+    assert len([r for r in upstream.received if r.path == "/v1/chat/completions"]) == 4

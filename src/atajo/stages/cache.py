@@ -88,6 +88,10 @@ class CacheStage:
         looking up the slower tiers, whose answer would arrive after the call it could have shared."""
         self.chain = service.chain
         self.semantic: SemanticTier | None = service.semantic
+        self.grouping_for: Callable[[str, str], bool] | None = None
+        """Whether grouping by similarity is on for (model, key name): set by the coalesce stage's policy."""
+        self.grouped = 0
+        """Requests that shared an in-flight call for the same question in other words."""
         self.settings = settings
         self.key_policies = dict(key_policies)
         self.catalog = catalog
@@ -122,12 +126,16 @@ class CacheStage:
         if plan.semantic and self.semantic is not None:
             query = self._semantic_query(request, tenant, plan)
             if query is not None and plan.lookup and not joining:
-                semantic = await self.semantic.find(query)
+                semantic = await self.semantic.find(query, embed_empty=self._grouping(request, ctx))
                 query = semantic.query if semantic is not None else None
                 if semantic is not None and semantic.match.hit:
                     answer = await self._semantic_answer(request, ctx, plan, semantic, generation)
                     if answer is not None:
                         return answer
+        landed = None
+        if query is not None and self.semantic is not None and not joining:
+            grouped = self._group(request, ctx, query, key)
+            landed = self.semantic.fly(query, key) if not grouped else None
         try:
             result = await call_next(request, ctx)
         except (UpstreamError, AllAttemptsFailed) as err:
@@ -135,6 +143,11 @@ class CacheStage:
                 raise
             log.warning("serving a stale answer for %s: providers failed (%s)", ctx.request_id, err.message)
             return self._answer(request, ctx, stale, "stale")
+        finally:
+            if landed is not None:
+                landed()
+        if ctx.cache_key != key and ctx.coalesced:
+            self.grouped += 1  # it shared the call of the same question asked in other words
         if not plan.store or ctx.coalesced:
             return result
         tags = given_tags | self.service.rules.derive(request.body)
@@ -252,6 +265,29 @@ class CacheStage:
             return None
         text, digest = parts
         return self.semantic.query(f"{tenant}/{plan.namespace}/{quote(request.model, safe='')}/{digest}", text)
+
+    def _grouping(self, request: Request, ctx: RequestContext) -> bool:
+        if self.grouping_for is None:
+            return False
+        return self.grouping_for(request.model, ctx.principal.key_name if ctx.principal else "")
+
+    def _group(self, request: Request, ctx: RequestContext, query: Query, key: str) -> bool:
+        """Hand this request the cache key of an in-flight request that asks the same question in other
+        words, so the coalesce stage makes it share that call (while that call is still in flight)."""
+        assert self.semantic is not None
+        if not self._grouping(request, ctx) or self.in_flight is None:
+            return False
+        found = self.semantic.twin(query, key)
+        if found is None or not self.in_flight(found[0]):
+            return False
+        twin, match = found
+        ctx.cache_key = twin
+        ctx.extra_headers = {
+            **(ctx.extra_headers or {}),
+            "x-atajo-grouped-with": twin.partition("/")[2],
+            "x-atajo-cache-similarity": f"{match.neighbour.score:.4f}" if match.neighbour else "",
+        }
+        return True
 
     async def _semantic_answer(
         self, request: Request, ctx: RequestContext, plan: Plan, found: Found, generation: int

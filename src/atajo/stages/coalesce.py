@@ -82,6 +82,7 @@ Lookup = Callable[[Request, RequestContext], Awaitable[Completion | None]]
 class _Policy:
     single_flight: bool
     embeddings_batch: bool
+    grouping: bool
 
 
 @dataclass(slots=True)
@@ -296,14 +297,22 @@ class CoalesceStage:
         if cached is not None:
             return cached
         s = self.settings
-        single, batch = s.single_flight, s.embeddings_batch.enabled
+        single, batch, grouping = s.single_flight, s.embeddings_batch.enabled, s.grouping
         for layer in (s.models.get(model) or s.models.get("*"), self.key_policies.get(key_name)):
             if layer is None:
                 continue
             single = layer.single_flight if layer.single_flight is not None else single
             batch = layer.embeddings_batch if layer.embeddings_batch is not None else batch
-        policy = self._policies[(model, key_name)] = _Policy(single, batch and s.embeddings_batch.enabled)
+            grouping = layer.grouping if layer.grouping is not None else grouping
+        policy = self._policies[(model, key_name)] = _Policy(
+            single, batch and s.embeddings_batch.enabled, grouping and single
+        )
         return policy
+
+    def grouping(self, model: str, key_name: str) -> bool:
+        """Whether a request may join an in-flight call for the same question in other words (the cache stage
+        decides which, with the semantic tier's match decision, and hands over that call's key)."""
+        return self._policy(model, key_name).grouping
 
 
 def _texts(given: Any) -> list[str] | None:

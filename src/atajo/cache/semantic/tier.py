@@ -27,7 +27,7 @@ import numpy as np
 from atajo.cache.entry import Clock, Entry, Selector
 from atajo.cache.semantic.decision import Decider, Match
 from atajo.cache.semantic.embedder import Vectors
-from atajo.cache.semantic.index import Vector
+from atajo.cache.semantic.index import Neighbour, Vector
 from atajo.cache.semantic.store import MemoryVectorStore, VectorEntry, VectorStore
 
 log = logging.getLogger("atajo.cache")
@@ -160,6 +160,8 @@ class SemanticTier:
         self._writer: asyncio.Task[None] | None = None
         self._recent: dict[str, float] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self._flying: dict[str, dict[str, tuple[str, Vector]]] = {}
+        """partition → {cache key: (asked text, vector)} of the requests being answered now."""
 
     @property
     def name(self) -> str:
@@ -195,14 +197,23 @@ class SemanticTier:
     def query(partition: str, text: str) -> Query:
         return Query(partition, text)
 
-    async def find(self, query: Query) -> Found | None:
+    async def find(self, query: Query, *, embed_empty: bool = False) -> Found | None:
         """Embed, search, decide. ``None`` when the tier failed or took longer than ``timeout_s`` (a miss;
         the query is then not remembered either).
 
-        A partition the in-process store has never seen cannot hit: the text is then not embedded now but
-        after the answer, off the request's path (``remember_answer``)."""
+        A partition the in-process store has never seen cannot hit: unless ``embed_empty`` (the vector is
+        wanted anyway, to group requests in flight), the text is then not embedded now but after the answer,
+        off the request's path (``remember_answer``)."""
         started = time.perf_counter()
         if isinstance(self.store, MemoryVectorStore) and not self.store.has_partition(query.partition):
+            if embed_empty:
+                try:
+                    async with asyncio.timeout(self.timeout_s):
+                        query = Query(query.partition, query.text, await self.embedder.embed(query.text))
+                except Exception as exc:  # fail open, as below
+                    log.warning("semantic cache embedding failed: %s", type(exc).__name__)
+                    self.observer.lookup("error", time.perf_counter() - started)
+                    return None
             self.observer.lookup("empty", time.perf_counter() - started)
             return Found(query, Match(False, None, 0.0, "empty"))
         try:
@@ -226,6 +237,41 @@ class SemanticTier:
             return
         with contextlib.suppress(Exception):
             await self.store.delete([key])
+
+    # --- grouping requests in flight --------------------------------------------------------------
+
+    def fly(self, query: Query, key: str) -> Callable[[], None]:
+        """Note that the request ``key`` asking ``query`` is being answered; returns what to call when done."""
+        vector = query.vector
+        if vector is None:
+            return _nothing
+        flying = self._flying.setdefault(query.partition, {})
+        flying[key] = (query.text, vector)
+
+        def landed() -> None:
+            flying.pop(key, None)
+            if not flying and self._flying.get(query.partition) is flying:
+                del self._flying[query.partition]
+
+        return landed
+
+    def twin(self, query: Query, key: str) -> tuple[str, Match] | None:
+        """An in-flight request of the same partition that the match decision says asks the same question
+        as ``query`` (its cache key and the decision), or ``None``."""
+        flying = self._flying.get(query.partition)
+        if not flying or query.vector is None:
+            return None
+        others = [(k, text, vector) for k, (text, vector) in flying.items() if k != key]
+        if not others:
+            return None
+        matrix = np.stack([vector for _, _, vector in others])
+        scores = matrix @ np.asarray(query.vector, dtype=np.float32)
+        order = np.argsort(-scores, kind="stable")[: self.neighbours]
+        neighbours = [Neighbour(others[i][0], others[i][1], float(scores[i]), others[i][2]) for i in order]
+        match = self.decider.decide(query.text, neighbours, query_vector=query.vector)
+        if not match.hit or match.neighbour is None:
+            return None
+        return match.neighbour.key, match
 
     # --- storing ----------------------------------------------------------------------------------
 
@@ -320,6 +366,10 @@ class SemanticTier:
 
     async def count(self) -> int:
         return await self.store.count()
+
+
+def _nothing() -> None:
+    pass
 
 
 def unit_rows(vectors: Vectors) -> Vectors:
