@@ -149,3 +149,15 @@ def test_a_decision_weights_file_is_found_beside_the_config(tmp_path: Path) -> N
     text = "cache:\n  semantic:\n    enabled: true\n    decision: {model: atajo.semantic-decision.npz}\n"
     settings = load_settings(write(tmp_path, text), env={})
     assert settings.cache.semantic.decision == {"model": str(tmp_path / "atajo.semantic-decision.npz")}
+
+
+def test_the_startup_summary_names_the_semantic_tier(tmp_path: Path) -> None:
+    from atajo.app import describe_startup
+
+    off = describe_startup(load_settings(None, env={}), keys_open=False)
+    assert any(line.startswith("cache: memory") and "semantic" not in line for line in off)
+    text = "cache:\n  semantic: {enabled: true, store: 'postgresql://u:secret@db:5432/x'}\n"
+    on = describe_startup(load_settings(write(tmp_path, text), env={}), keys_open=False)
+    line = next(line for line in on if line.startswith("cache:"))
+    assert "→ semantic postgresql://" in line and "(local model) → provider" in line
+    assert "secret" not in line

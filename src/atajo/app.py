@@ -364,6 +364,10 @@ def describe_startup(settings: Settings, keys_open: bool) -> list[str]:
         lines.append(f"providers: {', '.join(providers)}; models: {', '.join(sorted(settings.models))}")
     if settings.cache.enabled:
         tiers = " → ".join(f"{t.kind} {_redact(t.url)} ({t.ttl_s:g} s)" for t in settings.cache.tiers)
+        semantic = settings.cache.semantic
+        if semantic.enabled:
+            embedder = "local model" if semantic.embedder == "local" else f"embeddings of {semantic.embedder}"
+            tiers += f" → semantic {_redact(semantic.store)} ({embedder})"
         lines.append(f"cache: {tiers} → provider")
     else:
         lines.append("cache: off")
