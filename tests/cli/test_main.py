@@ -50,6 +50,16 @@ def test_config_check_names_the_bad_setting(tmp_path: Path) -> None:
     assert "Traceback" not in result.output
 
 
+def test_config_check_loads_the_semantic_decision(tmp_path: Path) -> None:
+    path = tmp_path / "semantic.yaml"
+    path.write_text("cache:\n  semantic:\n    enabled: true\n    decision: {model: gone.npz, threshold: 0.5}\n")
+    result = CliRunner().invoke(cli, ["config", "check", str(path)])
+    assert result.exit_code == 2
+    assert "cache.semantic.decision" in result.output and "gone.npz" in result.output
+    path.write_text("cache:\n  semantic:\n    enabled: true\n    decision: {threshold: 0.5}\n")
+    assert CliRunner().invoke(cli, ["config", "check", str(path)]).exit_code == 0
+
+
 def _serve(*args: str) -> tuple[subprocess.Popen[str], int]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "ATAJO_CONFIG", "ATAJO_MASTER_KEY")}

@@ -12,6 +12,7 @@ from atajo.settings import SemanticSettings
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from atajo.cache.semantic.decision import Decider
     from atajo.cache.semantic.store import VectorStore
     from atajo.cache.semantic.tier import AsyncEmbedFn, EmbedFn, SemanticObserver, SemanticTier
 
@@ -30,7 +31,6 @@ def build_semantic(
     """The tier ``cache.semantic`` describes. ``embed`` replaces the local model (a provider's embeddings, tests).
     Raises ``ConfigError`` naming the setting when the extra is missing or a value is wrong."""
     try:
-        from atajo.cache.semantic.decision import Decider
         from atajo.cache.semantic.embedder import Embedder, EmbedderUnavailable
         from atajo.cache.semantic.store import MemoryVectorStore
         from atajo.cache.semantic.tier import SemanticTier
@@ -38,10 +38,7 @@ def build_semantic(
         raise ConfigError(
             f"cache.semantic.enabled: the semantic tier needs {exc.name!r}: {EXTRA}", param="cache.semantic.enabled"
         ) from None
-    try:
-        decider = Decider.from_dict(settings.decision) if settings.decision else Decider.default()
-    except (KeyError, TypeError, ValueError, OSError) as exc:
-        raise ConfigError(f"cache.semantic.decision: {exc}", param="cache.semantic.decision") from None
+    decider = load_decider(settings)
     load = None
     if embed is None:
         embedder = Embedder()
@@ -69,6 +66,21 @@ def build_semantic(
         vetoed=vetoed,
         load=load,
     )
+
+
+def load_decider(settings: SemanticSettings) -> Decider:
+    """The configured match decision, weights loaded; ``ConfigError`` naming the setting when it is wrong
+    (``atajo config check`` calls this too, so a bad decision is caught before serving)."""
+    try:
+        from atajo.cache.semantic.decision import Decider
+    except ImportError as exc:
+        raise ConfigError(
+            f"cache.semantic.enabled: the semantic tier needs {exc.name!r}: {EXTRA}", param="cache.semantic.enabled"
+        ) from None
+    try:
+        return Decider.from_dict(settings.decision) if settings.decision else Decider.default()
+    except (KeyError, TypeError, ValueError, OSError) as exc:
+        raise ConfigError(f"cache.semantic.decision: {exc}", param="cache.semantic.decision") from None
 
 
 def _pgvector(url: str, dimension: int) -> VectorStore:

@@ -182,6 +182,14 @@ def config() -> None:
 def config_check(file: Path) -> None:
     """Validate FILE (with env overrides applied); print every error with its setting path."""
     settings = _load(file)
+    if settings.cache.enabled and settings.cache.semantic.enabled:
+        from atajo.cache.semantic_build import load_decider
+
+        try:
+            load_decider(settings.cache.semantic)
+        except ConfigError as err:
+            click.echo(f"config error: {err.message}", err=True)
+            sys.exit(err.exit_code)
     n = sum(len(m.deployments) for m in settings.models.values())
     click.echo(f"{file}: OK ({len(settings.models)} models, {n} deployments)")
 
