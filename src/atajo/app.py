@@ -2,7 +2,7 @@
 
 The pipeline's order is declared here, once:
 
-    observe → cache → coalesce → upstream          (guard, ratelimit and route join as they land)
+    observe → cache → coalesce → route → upstream          (guard, ratelimit join as they land)
 
 Authentication runs before the pipeline, at the HTTP edge (see ``atajo.auth``).
 """
@@ -27,18 +27,22 @@ from atajo.auth.keys import KeyRing
 from atajo.cache.service import CacheService
 from atajo.coalesce.lease import Claim, RedisLease
 from atajo.coalesce.singleflight import SingleFlight
-from atajo.core.catalog import Catalog
+from atajo.core.catalog import Catalog, ModelInfo, load_catalog
 from atajo.core.context import RequestContext
 from atajo.core.deployments import Deployment
 from atajo.core.pipeline import Stage, build_pipeline
 from atajo.core.requests import EmbeddingsRequest
 from atajo.core.results import Completion
+from atajo.errors import ConfigError
 from atajo.observe.metrics import GatewayMetrics, counter_family, gauge_family
 from atajo.providers.base import Provider
 from atajo.providers.pool import HttpPool
 from atajo.routing.breaker import BreakerBoard
+from atajo.routing.complexity import ComplexityModel
 from atajo.routing.retry import RetryPolicy
-from atajo.routing.table import ModelTable
+from atajo.routing.select import Candidate, Selector
+from atajo.routing.table import WILDCARD, ModelTable
+from atajo.routing.tokens import TokenCounter
 from atajo.server.cache_admin import CacheAdmin
 from atajo.server.edge import EdgeServer, Limits, Reply, Request
 from atajo.server.http import GatewayServer, Router
@@ -46,6 +50,7 @@ from atajo.settings import Settings
 from atajo.stages.cache import CacheStage
 from atajo.stages.coalesce import CoalesceStage, Piece
 from atajo.stages.observe import ObserveStage
+from atajo.stages.route import Group, RouteStage
 from atajo.stages.upstream import Sleep, UpstreamStage
 
 log = logging.getLogger("atajo")
@@ -100,10 +105,10 @@ def build_services(
     """Every service the app needs. ``sleep`` and the clocks are injectable so tests never wait on real time
     (``clock`` is monotonic, for breakers; ``wall_clock`` dates cache entries)."""
     metrics = GatewayMetrics()
-    catalog = Catalog.bundled()
+    catalog = load_catalog(settings.catalog)
     pool = HttpPool(settings.pool)
     table = build_table(settings)
-    metrics.set_model_names(table.names())
+    metrics.set_model_names([*table.names(), *settings.routing.models])
     breakers = BreakerBoard(settings.breaker, clock)
     keys = KeyRing(settings.auth)
     providers = build_providers((d.provider for d in table.all_deployments()), pool, catalog, sleep)
@@ -129,12 +134,14 @@ def build_services(
         stages.append(cache_stage)
     coalesce = build_coalesce(settings, flight, cache_stage, metrics)
     stages.append(coalesce)
+    stages.append(build_route(settings, table, catalog, breakers, metrics))
     pipeline = build_pipeline(stages, upstream)
+    routed_names = sorted(settings.routing.models)
     server = GatewayServer(
         pipeline,
         metrics,
         max_body_bytes=settings.server.max_body_bytes,
-        model_names=table.names,
+        model_names=lambda: sorted([*table.names(), *routed_names]),
         authenticate=keys.authenticate,
     )
 
@@ -170,6 +177,58 @@ def build_services(
         metrics.add_collector(partial(cache_metrics, cache))
     metrics.add_collector(partial(coalesce_metrics, coalesce, metrics))
     return Services(settings, metrics, pool, table, breakers, keys, catalog, server, cache, coalesce)
+
+
+def pricer(table: ModelTable, catalog: Catalog) -> Callable[[str], ModelInfo | None]:
+    """A configured model name → the catalog entry its first deployment's upstream model is priced at."""
+
+    def price(model: str) -> ModelInfo | None:
+        deployments = table.deployments(model) or table.deployments(WILDCARD)
+        return catalog.get(deployments[0].model_for(model)) if deployments else catalog.get(model)
+
+    return price
+
+
+def build_route(
+    settings: Settings, table: ModelTable, catalog: Catalog, breakers: BreakerBoard, metrics: GatewayMetrics
+) -> RouteStage:
+    """One selector per routed name, over its candidates (configured chat models the catalog prices)."""
+    routing = settings.routing
+    price = pricer(table, catalog)
+    counter = TokenCounter(catalog)
+    complexity = ComplexityModel.load()
+
+    def healthy(candidate: Candidate) -> bool:
+        return any(breakers.get(d).available() for d in candidate.deployments)
+
+    groups: dict[str, Group] = {}
+    for group, route in routing.models.items():
+        names = route.candidates or [n for n in table.names() if settings.models[n].kind != "embeddings"]
+        candidates: list[Candidate] = []
+        for i, name in enumerate(names):
+            info = price(name)
+            if info is None or info.kind != "chat":
+                if route.candidates:
+                    raise ConfigError(
+                        f"routing.models.{group}.candidates.{i}: {name!r} has no chat model entry in the catalog "
+                        "(add one under catalog.models)",
+                        param=f"routing.models.{group}.candidates.{i}",
+                    )
+                continue
+            candidates.append(Candidate(name, info, tuple(d.id for d in table.deployments(name))))
+        selector = Selector(
+            group,
+            candidates,
+            counter,
+            complexity,
+            routing.quality_tiers,
+            routing.task_min_quality,
+            task=route.task,
+            healthy=healthy,
+        )
+        groups[group] = Group(selector, route.cascade)
+    key_policies = {key.name: key.route for key in settings.auth.keys}
+    return RouteStage(groups, routing.defaults, key_policies, counter, price, metrics, catalog.currency)
 
 
 def build_coalesce(

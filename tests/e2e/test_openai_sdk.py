@@ -98,7 +98,7 @@ def test_embeddings_string_and_list(gateway: GatewayFactory, openai_upstream: Up
 def test_models_listing(gateway: GatewayFactory, openai_upstream: Upstream) -> None:
     _, up = openai_upstream
     gw = gateway({"models": {"b": openai_model(up.url), "a": openai_model(up.url)}})
-    assert [m.id for m in client(gw).models.list()] == ["a", "b"]
+    assert [m.id for m in client(gw).models.list()] == ["a", "auto", "b"]  # auto: the routed name
     assert client(gw).models.retrieve("a").id == "a"
     with pytest.raises(openai.NotFoundError):
         client(gw).models.retrieve("zzz")

@@ -187,8 +187,12 @@ def config_check(file: Path) -> None:
 
 
 def _load(path: Path | None) -> Settings:
+    from atajo.core.catalog import load_catalog
+
     try:
-        return load_settings(path)
+        settings = load_settings(path)
+        load_catalog(settings.catalog)  # its errors name the field too (catalog.models.x.input_per_1k: ...)
+        return settings
     except ConfigError as err:
         click.echo(f"config error: {err.message}", err=True)
         sys.exit(err.exit_code)

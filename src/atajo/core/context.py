@@ -44,6 +44,10 @@ class RequestContext:
     simulated: bool = False
     cost_micros: int | None = None
     """What the answer cost at catalog prices, in millionths of the catalog's currency, when known."""
+    cost_estimate_micros: int | None = None
+    """The cost expected before the call (a typical answer on the routed model), when it was estimated."""
+    route_reason: str | None = None
+    """Why a routed name (``model: auto``) became ``routed_model``: told in ``x-atajo-route-reason``."""
     upstream_ns: int = 0
     """Time spent waiting on providers (including retry back-off), subtracted to get our own added time."""
     first_token_ns: int | None = None

@@ -314,12 +314,23 @@ class GatewayMetrics:
             "What answers served from the cache would have cost at catalog prices, in millionths of the currency",
             ["gen_ai_request_model"],
         )
+        self.route_decisions = Counter(
+            "atajo_route_decisions",
+            "Requests for a routed name (model: auto), by that name and the model chosen",
+            ["group", "gen_ai_request_model"],
+        )
+        self.cascade = Counter(
+            "atajo_route_cascade",
+            "Cascaded requests by outcome: kept (the cheap answer passed its checks), or the check that escalated",
+            ["outcome"],
+        )
         self.cache = CacheMetrics()
         self.coalesce = CoalesceMetrics()
         self._own: list[Counter | Histogram | Gauge] = [
             self.requests, self.request_duration, self.overhead, self.errors, self.in_flight,
             self.operation_duration, self.token_usage, self.ttft, self.attempts, self.attempt_duration,
-            self.retries, self.fallbacks, self.spend, self.cache_saved, *self.cache.own, *self.coalesce.own,
+            self.retries, self.fallbacks, self.spend, self.cache_saved, self.route_decisions, self.cascade,
+            *self.cache.own, *self.coalesce.own,
         ]  # fmt: skip
         self.add_collector(lambda: (m.collect() for m in self._own))
         self._model_names: frozenset[str] = frozenset()
