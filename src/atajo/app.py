@@ -24,6 +24,9 @@ from typing import Any
 from prometheus_client.core import Metric
 
 from atajo.auth.keys import KeyRing
+from atajo.budget.budgets import Budgets
+from atajo.budget.memory import MemoryBudgetStore
+from atajo.budget.store import BudgetStore
 from atajo.cache.service import CacheService
 from atajo.coalesce.lease import Claim, RedisLease
 from atajo.coalesce.singleflight import SingleFlight
@@ -47,6 +50,7 @@ from atajo.server.cache_admin import CacheAdmin
 from atajo.server.edge import EdgeServer, Limits, Reply, Request
 from atajo.server.http import GatewayServer, Router
 from atajo.settings import Settings
+from atajo.stages.budget import BudgetStage
 from atajo.stages.cache import CacheStage
 from atajo.stages.coalesce import CoalesceStage, Piece
 from atajo.stages.observe import ObserveStage
@@ -75,6 +79,7 @@ class Services:
     server: GatewayServer
     cache: CacheService | None
     coalesce: CoalesceStage
+    budgets: Budgets
 
 
 def build_table(settings: Settings) -> ModelTable:
@@ -135,6 +140,12 @@ def build_services(
     coalesce = build_coalesce(settings, flight, cache_stage, metrics)
     stages.append(coalesce)
     stages.append(build_route(settings, table, catalog, breakers, metrics))
+    budgets = build_budgets(settings, metrics, catalog.currency, wall_clock)
+    stages.append(
+        BudgetStage(
+            budgets, TokenCounter(catalog), chain_pricer(table, catalog), catalog.get, bound=settings.budgets.reserve
+        )
+    )
     pipeline = build_pipeline(stages, upstream)
     routed_names = sorted(settings.routing.models)
     server = GatewayServer(
@@ -176,7 +187,7 @@ def build_services(
     if cache is not None:
         metrics.add_collector(partial(cache_metrics, cache))
     metrics.add_collector(partial(coalesce_metrics, coalesce, metrics))
-    return Services(settings, metrics, pool, table, breakers, keys, catalog, server, cache, coalesce)
+    return Services(settings, metrics, pool, table, breakers, keys, catalog, server, cache, coalesce, budgets)
 
 
 def pricer(table: ModelTable, catalog: Catalog) -> Callable[[str], ModelInfo | None]:
@@ -187,6 +198,32 @@ def pricer(table: ModelTable, catalog: Catalog) -> Callable[[str], ModelInfo | N
         return catalog.get(deployments[0].model_for(model)) if deployments else catalog.get(model)
 
     return price
+
+
+def chain_pricer(table: ModelTable, catalog: Catalog) -> Callable[[str], list[ModelInfo]]:
+    """A model name → the catalog entries of every model its call may end up on (its fallbacks too)."""
+
+    def chain(model: str) -> list[ModelInfo]:
+        found = (catalog.get(d.model_for(model if public == WILDCARD else public)) for public, d in table.plan(model))
+        return [info for info in found if info is not None]
+
+    return chain
+
+
+def build_budgets(
+    settings: Settings, metrics: GatewayMetrics, currency: str, wall_clock: Callable[[], float]
+) -> Budgets:
+    s = settings.budgets
+    store: BudgetStore
+    if s.store.startswith("memory://"):
+        store = MemoryBudgetStore(wall_clock)
+    else:
+        from atajo.budget.redis import RedisBudgetStore
+
+        store = RedisBudgetStore(s.store, prefix=s.redis_prefix, timeout_s=s.timeout_s)
+    return Budgets(
+        s.limits, store, metrics.budget, currency=currency, clock=wall_clock, on_store_error=s.on_store_error
+    )
 
 
 def build_route(
@@ -352,6 +389,7 @@ class Gateway:
 
     async def close(self) -> None:
         await self.services.coalesce.close()
+        await self.services.budgets.close()
         if self.services.cache is not None:
             await self.services.cache.close()
         await self.services.pool.close()

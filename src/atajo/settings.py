@@ -423,6 +423,7 @@ class BudgetSettings(_Model):
         "max", description="reserve the most a request can cost (max_tokens) or a typical answer's cost"
     )
     timeout_s: PositiveFloat = Field(0.5, description="longest wait for the Redis store")
+    redis_prefix: str = Field("atajo:budget:", min_length=1, description="prefix of the Redis store's keys")
     on_store_error: Literal["reject", "allow"] = Field(
         "reject", description="with the store unreachable: reject requests (503) or let them through unchecked"
     )

@@ -74,8 +74,9 @@ class ObserveStage:
             return  # answered from the cache or shared from another request: no provider tokens were used
         model = self.metrics.model_label(ctx.routed_model or request.model)
         info = self.catalog.get(ctx.upstream_model) if ctx.upstream_model else None
-        if info is not None:
-            ctx.cost_micros = info.cost_micros(usage)
+        if ctx.cost_micros is None and info is not None:
+            ctx.cost_micros = info.cost_micros(usage)  # else the budget stage priced every call (a cascade's two)
+        if ctx.cost_micros is not None:
             self.metrics.spend.labels(model).inc(ctx.cost_micros)
         self.metrics.token_usage.labels(request.operation, model, "input").observe(usage.prompt_tokens)
         if request.operation == "chat":
