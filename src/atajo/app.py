@@ -37,6 +37,7 @@ from atajo.core.pipeline import Stage, build_pipeline
 from atajo.core.requests import EmbeddingsRequest
 from atajo.core.results import Completion
 from atajo.errors import ConfigError
+from atajo.observe.ledger import Ledger
 from atajo.observe.metrics import GatewayMetrics, counter_family, gauge_family
 from atajo.providers.base import Provider
 from atajo.providers.pool import HttpPool
@@ -80,6 +81,7 @@ class Services:
     cache: CacheService | None
     coalesce: CoalesceStage
     budgets: Budgets
+    ledger: Ledger | None
 
 
 def build_table(settings: Settings) -> ModelTable:
@@ -118,7 +120,24 @@ def build_services(
     keys = KeyRing(settings.auth)
     providers = build_providers((d.provider for d in table.all_deployments()), pool, catalog, sleep)
     upstream = UpstreamStage(table, providers, breakers, RetryPolicy.from_settings(settings.retry), metrics, sleep)
-    stages: list[Stage] = [ObserveStage(metrics, catalog)]
+    route = build_route(settings, table, catalog, breakers, metrics)
+    ledger: Ledger | None = None
+    if settings.ledger.enabled:
+        ledger = Ledger(
+            settings.ledger.url,
+            flush_interval_s=settings.ledger.flush_interval_s,
+            max_pending=settings.ledger.max_pending,
+            observer=metrics.ledger,
+        )
+    observe = ObserveStage(
+        metrics,
+        catalog,
+        ledger=ledger,
+        baseline=baseline_pricer(settings, route, pricer(table, catalog)),
+        routed=frozenset(route.groups),
+        wall_clock=wall_clock,
+    )
+    stages: list[Stage] = [observe]
     cache: CacheService | None = None
     # Single-flight groups requests by the cache key, so it joins when the cache is on.
     flight: SingleFlight[Piece] = SingleFlight()
@@ -139,7 +158,7 @@ def build_services(
         stages.append(cache_stage)
     coalesce = build_coalesce(settings, flight, cache_stage, metrics)
     stages.append(coalesce)
-    stages.append(build_route(settings, table, catalog, breakers, metrics))
+    stages.append(route)
     budgets = build_budgets(settings, metrics, catalog.currency, wall_clock)
     stages.append(
         BudgetStage(
@@ -187,7 +206,13 @@ def build_services(
     if cache is not None:
         metrics.add_collector(partial(cache_metrics, cache))
     metrics.add_collector(partial(coalesce_metrics, coalesce, metrics))
-    return Services(settings, metrics, pool, table, breakers, keys, catalog, server, cache, coalesce, budgets)
+    if ledger is not None:
+        metrics.add_collector(
+            lambda: [
+                gauge_family("atajo_ledger_pending", "Ledger rows waiting to be written", [], [([], ledger.pending)])
+            ]
+        )
+    return Services(settings, metrics, pool, table, breakers, keys, catalog, server, cache, coalesce, budgets, ledger)
 
 
 def pricer(table: ModelTable, catalog: Catalog) -> Callable[[str], ModelInfo | None]:
@@ -198,6 +223,24 @@ def pricer(table: ModelTable, catalog: Catalog) -> Callable[[str], ModelInfo | N
         return catalog.get(deployments[0].model_for(model)) if deployments else catalog.get(model)
 
     return price
+
+
+def baseline_pricer(
+    settings: Settings, route: RouteStage, price: Callable[[str], ModelInfo | None]
+) -> Callable[[str], ModelInfo | None]:
+    """The requested model → the catalog entry a request's baseline cost is priced at: itself, or for a routed
+    name its ``baseline`` model (default: its dearest candidate)."""
+    baselines: dict[str, ModelInfo | None] = {}
+    for group, stage_group in route.groups.items():
+        named = settings.routing.models[group].baseline
+        candidates = stage_group.selector.candidates
+        dearest = max(candidates, key=lambda c: c.info.input_micros_per_1k + c.info.output_micros_per_1k, default=None)
+        baselines[group] = price(named) if named else dearest.info if dearest else None
+
+    def baseline(model: str) -> ModelInfo | None:
+        return baselines[model] if model in baselines else price(model)
+
+    return baseline
 
 
 def chain_pricer(table: ModelTable, catalog: Catalog) -> Callable[[str], list[ModelInfo]]:
@@ -379,6 +422,8 @@ class Gateway:
 
     async def start(self) -> None:
         await self.services.pool.start()
+        if self.services.ledger is not None:
+            await self.services.ledger.start()
         if self.services.cache is not None:
             await self.services.cache.start()
         self.services.server.accepting = True
@@ -390,6 +435,8 @@ class Gateway:
     async def close(self) -> None:
         await self.services.coalesce.close()
         await self.services.budgets.close()
+        if self.services.ledger is not None:
+            await self.services.ledger.close()
         if self.services.cache is not None:
             await self.services.cache.close()
         await self.services.pool.close()
@@ -454,6 +501,8 @@ def describe_startup(settings: Settings, keys_open: bool) -> list[str]:
         lines.append(f"cache: {tiers} → provider")
     else:
         lines.append("cache: off")
+    if settings.ledger.enabled:
+        lines.append(f"ledger: {_redact(settings.ledger.url)} (written every {settings.ledger.flush_interval_s:g} s)")
     if keys_open:
         lines.append("auth: no keys configured, the gateway accepts every caller (set ATAJO_MASTER_KEY)")
     return lines

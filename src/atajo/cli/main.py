@@ -1,4 +1,5 @@
-"""``atajo serve``, ``atajo config check``, ``atajo cache ...``, ``atajo eval ...``, ``atajo --version``."""
+"""``atajo serve``, ``atajo config check``, ``atajo cache ...``, ``atajo eval ...``, ``atajo report costs``,
+``atajo --version``."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import click
 
 from atajo import __version__
 from atajo.cli.cache import cache
+from atajo.cli.report import report
 from atajo.cli.routing import eval_routing
 from atajo.cli.semantic import calibrate, eval_semantic
 from atajo.errors import ConfigError
@@ -205,6 +207,7 @@ def _setup_logging(level: str) -> None:
 
 
 cli.add_command(cache)
+cli.add_command(report)
 cache.add_command(calibrate)
 
 

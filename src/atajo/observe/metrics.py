@@ -286,6 +286,27 @@ class BudgetMetrics:
         )
 
 
+class LedgerMetrics:
+    """What the cost ledger reports (``atajo.observe.ledger.LedgerObserver``)."""
+
+    def __init__(self) -> None:
+        self.written = Counter("atajo_ledger_records_written", "Ledger rows written to the database", [])
+        self.failures = Counter(
+            "atajo_ledger_write_failures", "Ledger batch writes that failed (their rows wait for the next try)", []
+        )
+        self.dropped = Counter("atajo_ledger_dropped", "Ledger rows dropped: too many waiting to be written", [])
+        self.own: list[Counter | Histogram] = [self.written, self.failures, self.dropped]
+
+    def ledger_written(self, rows: int) -> None:
+        self.written.labels().inc(rows)
+
+    def ledger_failed(self) -> None:
+        self.failures.labels().inc()
+
+    def ledger_dropped(self, rows: int) -> None:
+        self.dropped.labels().inc(rows)
+
+
 class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
@@ -362,11 +383,12 @@ class GatewayMetrics:
         self.cache = CacheMetrics()
         self.coalesce = CoalesceMetrics()
         self.budget = BudgetMetrics()
+        self.ledger = LedgerMetrics()
         self._own: list[Counter | Histogram | Gauge] = [
             self.requests, self.request_duration, self.overhead, self.errors, self.in_flight,
             self.operation_duration, self.token_usage, self.ttft, self.attempts, self.attempt_duration,
             self.retries, self.fallbacks, self.spend, self.cache_saved, self.route_decisions, self.cascade,
-            *self.cache.own, *self.coalesce.own, *self.budget.own,
+            *self.cache.own, *self.coalesce.own, *self.budget.own, *self.ledger.own,
         ]  # fmt: skip
         self.add_collector(lambda: (m.collect() for m in self._own))
         self.add_collector(self.budget.collect_used)

@@ -80,6 +80,13 @@ class BudgetStage:
         cost = info.cost_micros(usage) if info is not None and usage is not None else None
         if cost is not None:
             ctx.cost_micros = (ctx.cost_micros or 0) + cost
+        if usage is not None:
+            spent = ctx.provider_usage or Usage()
+            ctx.provider_usage = Usage(
+                spent.prompt_tokens + usage.prompt_tokens,
+                spent.completion_tokens + usage.completion_tokens,
+                spent.cached_tokens + usage.cached_tokens,
+            )
         if hold is None or self.budgets is None:
             return
         if usage is None:
