@@ -156,7 +156,12 @@ def test_no_config_with_openai_key_proxies_any_model_name(openai_upstream: Upstr
     from atajo.settings import load_settings
 
     upstream, up = openai_upstream
-    env = {"OPENAI_API_KEY": "sk-from-env", "OPENAI_BASE_URL": up.url + "/v1", "ATAJO_CACHE__ENABLED": "false"}
+    env = {
+        "OPENAI_API_KEY": "sk-from-env",
+        "OPENAI_BASE_URL": up.url + "/v1",
+        "ATAJO_CACHE__ENABLED": "false",
+        "ATAJO_LEDGER__ENABLED": "false",
+    }
     settings = load_settings(None, env=env)
     with LiveServer(build_app(settings)) as gw:
         raw = client(gw).chat.completions.with_raw_response.create(
