@@ -41,6 +41,7 @@ def gateway() -> Iterator[GatewayFactory]:
 
     Back-off sleeps are skipped (``instant_backoff=True`` by default) so retry tests do not wait on time.
     The cache is off unless the config has a ``cache`` section: tests that count upstream calls stay exact.
+    The ledger is off unless the config has a ``ledger`` section (it would write under ~/.cache/atajo).
     """
     started: list[LiveServer] = []
 
@@ -48,6 +49,7 @@ def gateway() -> Iterator[GatewayFactory]:
         config = dict(config or {})
         config.setdefault("models", default_models({}))  # as with no config and no provider key: simulated
         config.setdefault("cache", {"enabled": False})
+        config.setdefault("ledger", {"enabled": False})
         settings = Settings.model_validate(config)
         kwargs: dict[str, Any] = {"sleep": _no_sleep} if instant_backoff else {}
         kwargs.update(app_kwargs)

@@ -2,7 +2,7 @@
 
 The pipeline's order is declared here, once:
 
-    observe → cache → coalesce → upstream          (guard, ratelimit and route join as they land)
+    observe → cache → coalesce → route → upstream          (guard, ratelimit join as they land)
 
 Authentication runs before the pipeline, at the HTTP edge (see ``atajo.auth``).
 """
@@ -24,28 +24,38 @@ from typing import Any
 from prometheus_client.core import Metric
 
 from atajo.auth.keys import KeyRing
+from atajo.budget.budgets import Budgets
+from atajo.budget.memory import MemoryBudgetStore
+from atajo.budget.store import BudgetStore
 from atajo.cache.service import CacheService
 from atajo.coalesce.lease import Claim, RedisLease
 from atajo.coalesce.singleflight import SingleFlight
-from atajo.core.catalog import Catalog
+from atajo.core.catalog import Catalog, ModelInfo, load_catalog
 from atajo.core.context import RequestContext
 from atajo.core.deployments import Deployment
 from atajo.core.pipeline import Stage, build_pipeline
 from atajo.core.requests import EmbeddingsRequest
 from atajo.core.results import Completion
+from atajo.errors import ConfigError
+from atajo.observe.ledger import Ledger
 from atajo.observe.metrics import GatewayMetrics, counter_family, gauge_family
 from atajo.providers.base import Provider
 from atajo.providers.pool import HttpPool
 from atajo.routing.breaker import BreakerBoard
+from atajo.routing.complexity import ComplexityModel
 from atajo.routing.retry import RetryPolicy
-from atajo.routing.table import ModelTable
+from atajo.routing.select import Candidate, Selector
+from atajo.routing.table import WILDCARD, ModelTable
+from atajo.routing.tokens import TokenCounter
 from atajo.server.cache_admin import CacheAdmin
 from atajo.server.edge import EdgeServer, Limits, Reply, Request
 from atajo.server.http import GatewayServer, Router
 from atajo.settings import Settings
+from atajo.stages.budget import BudgetStage
 from atajo.stages.cache import CacheStage
 from atajo.stages.coalesce import CoalesceStage, Piece
 from atajo.stages.observe import ObserveStage
+from atajo.stages.route import Group, RouteStage
 from atajo.stages.upstream import Sleep, UpstreamStage
 
 log = logging.getLogger("atajo")
@@ -70,6 +80,8 @@ class Services:
     server: GatewayServer
     cache: CacheService | None
     coalesce: CoalesceStage
+    budgets: Budgets
+    ledger: Ledger | None
 
 
 def build_table(settings: Settings) -> ModelTable:
@@ -100,15 +112,32 @@ def build_services(
     """Every service the app needs. ``sleep`` and the clocks are injectable so tests never wait on real time
     (``clock`` is monotonic, for breakers; ``wall_clock`` dates cache entries)."""
     metrics = GatewayMetrics()
-    catalog = Catalog.bundled()
+    catalog = load_catalog(settings.catalog)
     pool = HttpPool(settings.pool)
     table = build_table(settings)
-    metrics.set_model_names(table.names())
+    metrics.set_model_names([*table.names(), *settings.routing.models])
     breakers = BreakerBoard(settings.breaker, clock)
     keys = KeyRing(settings.auth)
     providers = build_providers((d.provider for d in table.all_deployments()), pool, catalog, sleep)
     upstream = UpstreamStage(table, providers, breakers, RetryPolicy.from_settings(settings.retry), metrics, sleep)
-    stages: list[Stage] = [ObserveStage(metrics, catalog)]
+    route = build_route(settings, table, catalog, breakers, metrics)
+    ledger: Ledger | None = None
+    if settings.ledger.enabled:
+        ledger = Ledger(
+            settings.ledger.url,
+            flush_interval_s=settings.ledger.flush_interval_s,
+            max_pending=settings.ledger.max_pending,
+            observer=metrics.ledger,
+        )
+    observe = ObserveStage(
+        metrics,
+        catalog,
+        ledger=ledger,
+        baseline=baseline_pricer(settings, route, pricer(table, catalog)),
+        routed=frozenset(route.groups),
+        wall_clock=wall_clock,
+    )
+    stages: list[Stage] = [observe]
     cache: CacheService | None = None
     # Single-flight groups requests by the cache key, so it joins when the cache is on.
     flight: SingleFlight[Piece] = SingleFlight()
@@ -131,12 +160,20 @@ def build_services(
     if cache_stage is not None:
         cache_stage.grouping_for = coalesce.grouping
     stages.append(coalesce)
+    stages.append(route)
+    budgets = build_budgets(settings, metrics, catalog.currency, wall_clock)
+    stages.append(
+        BudgetStage(
+            budgets, TokenCounter(catalog), chain_pricer(table, catalog), catalog.get, bound=settings.budgets.reserve
+        )
+    )
     pipeline = build_pipeline(stages, upstream)
+    routed_names = sorted(settings.routing.models)
     server = GatewayServer(
         pipeline,
         metrics,
         max_body_bytes=settings.server.max_body_bytes,
-        model_names=table.names,
+        model_names=lambda: sorted([*table.names(), *routed_names]),
         authenticate=keys.authenticate,
     )
 
@@ -171,7 +208,109 @@ def build_services(
     if cache is not None:
         metrics.add_collector(partial(cache_metrics, cache))
     metrics.add_collector(partial(coalesce_metrics, coalesce, metrics, cache_stage))
-    return Services(settings, metrics, pool, table, breakers, keys, catalog, server, cache, coalesce)
+    if ledger is not None:
+        metrics.add_collector(
+            lambda: [
+                gauge_family("atajo_ledger_pending", "Ledger rows waiting to be written", [], [([], ledger.pending)])
+            ]
+        )
+    return Services(settings, metrics, pool, table, breakers, keys, catalog, server, cache, coalesce, budgets, ledger)
+
+
+def pricer(table: ModelTable, catalog: Catalog) -> Callable[[str], ModelInfo | None]:
+    """A configured model name → the catalog entry its first deployment's upstream model is priced at."""
+
+    def price(model: str) -> ModelInfo | None:
+        deployments = table.deployments(model) or table.deployments(WILDCARD)
+        return catalog.get(deployments[0].model_for(model)) if deployments else catalog.get(model)
+
+    return price
+
+
+def baseline_pricer(
+    settings: Settings, route: RouteStage, price: Callable[[str], ModelInfo | None]
+) -> Callable[[str], ModelInfo | None]:
+    """The requested model → the catalog entry a request's baseline cost is priced at: itself, or for a routed
+    name its ``baseline`` model (default: its dearest candidate)."""
+    baselines: dict[str, ModelInfo | None] = {}
+    for group, stage_group in route.groups.items():
+        named = settings.routing.models[group].baseline
+        candidates = stage_group.selector.candidates
+        dearest = max(candidates, key=lambda c: c.info.input_micros_per_1k + c.info.output_micros_per_1k, default=None)
+        baselines[group] = price(named) if named else dearest.info if dearest else None
+
+    def baseline(model: str) -> ModelInfo | None:
+        return baselines[model] if model in baselines else price(model)
+
+    return baseline
+
+
+def chain_pricer(table: ModelTable, catalog: Catalog) -> Callable[[str], list[ModelInfo]]:
+    """A model name → the catalog entries of every model its call may end up on (its fallbacks too)."""
+
+    def chain(model: str) -> list[ModelInfo]:
+        found = (catalog.get(d.model_for(model if public == WILDCARD else public)) for public, d in table.plan(model))
+        return [info for info in found if info is not None]
+
+    return chain
+
+
+def build_budgets(
+    settings: Settings, metrics: GatewayMetrics, currency: str, wall_clock: Callable[[], float]
+) -> Budgets:
+    s = settings.budgets
+    store: BudgetStore
+    if s.store.startswith("memory://"):
+        store = MemoryBudgetStore(wall_clock)
+    else:
+        from atajo.budget.redis import RedisBudgetStore
+
+        store = RedisBudgetStore(s.store, prefix=s.redis_prefix, timeout_s=s.timeout_s)
+    return Budgets(
+        s.limits, store, metrics.budget, currency=currency, clock=wall_clock, on_store_error=s.on_store_error
+    )
+
+
+def build_route(
+    settings: Settings, table: ModelTable, catalog: Catalog, breakers: BreakerBoard, metrics: GatewayMetrics
+) -> RouteStage:
+    """One selector per routed name, over its candidates (configured chat models the catalog prices)."""
+    routing = settings.routing
+    price = pricer(table, catalog)
+    counter = TokenCounter(catalog)
+    complexity = ComplexityModel.load()
+
+    def healthy(candidate: Candidate) -> bool:
+        return any(breakers.get(d).available() for d in candidate.deployments)
+
+    groups: dict[str, Group] = {}
+    for group, route in routing.models.items():
+        names = route.candidates or [n for n in table.names() if settings.models[n].kind != "embeddings"]
+        candidates: list[Candidate] = []
+        for i, name in enumerate(names):
+            info = price(name)
+            if info is None or info.kind != "chat":
+                if route.candidates:
+                    raise ConfigError(
+                        f"routing.models.{group}.candidates.{i}: {name!r} has no chat model entry in the catalog "
+                        "(add one under catalog.models)",
+                        param=f"routing.models.{group}.candidates.{i}",
+                    )
+                continue
+            candidates.append(Candidate(name, info, tuple(d.id for d in table.deployments(name))))
+        selector = Selector(
+            group,
+            candidates,
+            counter,
+            complexity,
+            routing.quality_tiers,
+            routing.task_min_quality,
+            task=route.task,
+            healthy=healthy,
+        )
+        groups[group] = Group(selector, route.cascade)
+    key_policies = {key.name: key.route for key in settings.auth.keys}
+    return RouteStage(groups, routing.defaults, key_policies, counter, price, metrics, catalog.currency)
 
 
 def build_coalesce(
@@ -293,6 +432,8 @@ class Gateway:
 
     async def start(self) -> None:
         await self.services.pool.start()
+        if self.services.ledger is not None:
+            await self.services.ledger.start()
         if self.services.cache is not None:
             await self.services.cache.start()
         self.services.server.accepting = True
@@ -303,6 +444,9 @@ class Gateway:
 
     async def close(self) -> None:
         await self.services.coalesce.close()
+        await self.services.budgets.close()
+        if self.services.ledger is not None:
+            await self.services.ledger.close()
         if self.services.cache is not None:
             await self.services.cache.close()
         await self.services.pool.close()
@@ -371,6 +515,8 @@ def describe_startup(settings: Settings, keys_open: bool) -> list[str]:
         lines.append(f"cache: {tiers} → provider")
     else:
         lines.append("cache: off")
+    if settings.ledger.enabled:
+        lines.append(f"ledger: {_redact(settings.ledger.url)} (written every {settings.ledger.flush_interval_s:g} s)")
     if keys_open:
         lines.append("auth: no keys configured, the gateway accepts every caller (set ATAJO_MASTER_KEY)")
     return lines

@@ -3,7 +3,7 @@
     AtajoError                      500 server_error
     ├── InvalidRequest              400 invalid_request_error
     │   ├── MalformedJSON           400 (code invalid_json)
-    │   └── UnsupportedParameter    400 (code unsupported_parameter)
+    │   ├── UnsupportedParameter    400 (code unsupported_parameter)
     ├── AuthenticationFailed        401 authentication_error
     ├── PermissionDenied            403 permission_error (a valid key that may not do this)
     ├── NotFound                    404 (unknown route)
@@ -11,6 +11,7 @@
     ├── MethodNotAllowed            405
     ├── PayloadTooLarge             413
     ├── RateLimited                 429 rate_limit_exceeded (carries retry_after_s)
+    │   └── BudgetExceeded          429 insufficient_quota (code budget_exceeded; names the budget)
     ├── UpstreamError               502 upstream_error: a provider failed us
     │   ├── UpstreamRejected        the provider's own status (4xx about the request), not retryable
     │   ├── UpstreamUnavailable     502, retryable (5xx, 429, credentials or protocol trouble)
@@ -21,6 +22,7 @@
     ├── AllAttemptsFailed           every deployment failed; status of the most telling error, errors listed
     ├── ClientClosed                (499, counted only: the client left mid-stream)
     ├── ServiceUnavailable          503
+    │   └── NoHealthyModel          503 (code no_healthy_model: every eligible model's circuit is open)
     └── ConfigError                 not an HTTP error: a bad config file, names the setting (exit code 2)
 
 Foreign exceptions (aiohttp, orjson, pydantic) are translated where they are caught, at the edges.
@@ -193,3 +195,27 @@ class ConfigError(AtajoError):
     """A bad configuration; the message names the setting path (e.g. ``models.gpt-4o.deployments.0.provider``)."""
 
     exit_code = 2
+
+
+class NoModelMeetsConstraints(InvalidRequest):
+    """No routed candidate meets the request's hard constraints; ``param`` names the header or setting that
+    excluded the last ones."""
+
+    code = "no_model_meets_constraints"
+
+
+class NoHealthyModel(ServiceUnavailable):
+    """Every candidate that meets the request's constraints has its circuits open."""
+
+    code = "no_healthy_model"
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class BudgetExceeded(RateLimited):
+    """The request would take a budget past its limit (OpenAI answers an exhausted quota with 429 too)."""
+
+    type = "insufficient_quota"
+    code = "budget_exceeded"

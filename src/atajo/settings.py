@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -76,6 +77,23 @@ class CoalescePolicy(_Model):
     grouping: bool | None = Field(None, description="share a call with an in-flight request asking the same question")
 
 
+def to_micros(amount: float | str) -> int:
+    """A decimal amount of money in the catalog's currency → integer micro-units (rounded down)."""
+    return int(Decimal(str(amount)) * 1_000_000)
+
+
+Money = Annotated[float, Field(ge=0, description="an amount in the catalog's currency, e.g. 0.05")]
+
+
+class RoutePolicy(_Model):
+    """Per-request constraints on a routed model (``routing.defaults``, ``auth.keys[].route``); the request's
+    ``x-atajo-max-cost``, ``x-atajo-max-latency-ms`` and ``x-atajo-min-quality`` headers win over these."""
+
+    max_cost: Money | None = Field(None, description="most a request may cost (estimated before the call)")
+    max_latency_ms: PositiveFloat | None = Field(None, description="most a request may take (estimated)")
+    min_quality: float | None = Field(None, ge=0, le=1, description="least catalog quality score of the model")
+
+
 class ApiKey(_Model):
     """A static key. Give ``key`` (read from env with ${VAR}) or its ``key_sha256`` so no secret is in the file."""
 
@@ -85,6 +103,7 @@ class ApiKey(_Model):
     tenant: str = Field("default", pattern=NAME_PATTERN, description="whose cache and data this key sees")
     cache: CachePolicy = Field(default_factory=CachePolicy)
     coalesce: CoalescePolicy = Field(default_factory=CoalescePolicy)
+    route: RoutePolicy = Field(default_factory=RoutePolicy)
 
     @model_validator(mode="after")
     def _one_of(self) -> ApiKey:
@@ -299,6 +318,146 @@ class CoalesceSettings(_Model):
     models: dict[str, CoalescePolicy] = Field(default_factory=dict, description="per model name; '*' for the rest")
 
 
+class QualityTier(_Model):
+    """Requests whose complexity score is below ``below`` (the last tier: any score) need a model whose catalog
+    quality for the request's task is at least ``min_quality``."""
+
+    below: float | None = Field(None, gt=0, le=1, description="upper bound of the score (exclusive); none: the rest")
+    min_quality: float = Field(ge=0, le=1)
+
+
+def _default_tiers_quality() -> list[QualityTier]:
+    return [
+        QualityTier(below=0.6, min_quality=0.0),
+        QualityTier(below=0.7, min_quality=0.85),
+        QualityTier(min_quality=0.88),
+    ]
+
+
+CascadeCheck = Literal["refusal", "truncated", "invalid_json", "low_confidence"]
+CASCADE_CHECKS: tuple[CascadeCheck, ...] = ("refusal", "truncated", "invalid_json", "low_confidence")
+TaskName = Literal["general", "code", "math", "reasoning", "chat"]
+
+
+class CascadeSettings(_Model):
+    """Answer with the cheaper choice first; escalate to ``strong`` when the answer fails a check."""
+
+    enabled: bool = False
+    strong: str | None = Field(None, description="model escalated to; default: the best-quality candidate")
+    checks: list[CascadeCheck] = Field(
+        default_factory=lambda: list(CASCADE_CHECKS),
+        description="what makes an answer fail: refusal, truncated (finish_reason length), invalid_json (json "
+        "mode), low_confidence (the answer says it is unsure)",
+    )
+
+
+class RouteGroup(_Model):
+    """A routed model name (``model: auto``): each request gets the cheapest candidate meeting its constraints."""
+
+    candidates: list[str] = Field(
+        default_factory=list,
+        description="configured models to choose from; empty: every configured chat model the catalog prices",
+    )
+    baseline: str | None = Field(
+        None, description="the model savings are measured against; default: the dearest candidate"
+    )
+    task: Literal["auto", "general", "code", "math", "reasoning", "chat"] = Field(
+        "auto", description="which catalog quality score counts; auto: guessed from the prompt (code, math, general)"
+    )
+    cascade: CascadeSettings = Field(default_factory=CascadeSettings)
+
+
+def _default_task_quality() -> dict[TaskName, float]:
+    return {"code": 0.88, "math": 0.85, "reasoning": 0.85}
+
+
+class RoutingSettings(_Model):
+    models: dict[str, RouteGroup] = Field(
+        default_factory=lambda: {"auto": RouteGroup()}, description="routed model names"
+    )
+    quality_tiers: list[QualityTier] = Field(default_factory=_default_tiers_quality, min_length=1)
+    task_min_quality: dict[TaskName, float] = Field(
+        default_factory=_default_task_quality,
+        description="least quality wanted for a task, whatever the complexity score",
+    )
+    defaults: RoutePolicy = Field(default_factory=RoutePolicy)
+
+    @model_validator(mode="after")
+    def _tiers_ordered(self) -> RoutingSettings:
+        tiers = self.quality_tiers
+        if tiers[-1].below is not None:
+            raise ValueError("routing.quality_tiers: the last tier must have no `below` (it takes the rest)")
+        if any(t.below is None for t in tiers[:-1]):
+            raise ValueError("routing.quality_tiers: only the last tier may leave out `below`")
+        bounds = [t.below for t in tiers[:-1] if t.below is not None]
+        if bounds != sorted(bounds) or len(set(bounds)) != len(bounds):
+            raise ValueError("routing.quality_tiers: `below` must increase from one tier to the next")
+        return self
+
+
+class BudgetLimit(_Model):
+    """A budget: at most ``max_cost`` (money) and / or ``max_tokens`` per ``period`` for its ``scope``."""
+
+    name: str | None = Field(None, pattern=NAME_PATTERN, description="named in errors; default scope:match/period")
+    scope: Literal["global", "tenant", "key"]
+    match: str = Field("*", description="the tenant or key name; '*' gives each tenant or key its own budget")
+    period: Literal["day", "month"]
+    max_cost: Money | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    alert_at: float = Field(0.8, gt=0, le=1, description="share of the budget at which a soft alert is raised")
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> BudgetLimit:
+        if self.max_cost is None and self.max_tokens is None:
+            raise ValueError("give max_cost, max_tokens or both")
+        if self.scope == "global" and self.match != "*":
+            raise ValueError("a global budget matches everything: leave out `match`")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or (f"{self.scope}/{self.period}" if self.scope == "global" else
+                             f"{self.scope}:{self.match}/{self.period}")  # fmt: skip
+
+
+class BudgetSettings(_Model):
+    limits: list[BudgetLimit] = Field(default_factory=list)
+    store: str = Field(
+        "memory://", pattern=r"^(memory|redis|rediss|unix)://", description="memory:// (this process) or redis://"
+    )
+    reserve: Literal["max", "typical"] = Field(
+        "max", description="reserve the most a request can cost (max_tokens) or a typical answer's cost"
+    )
+    timeout_s: PositiveFloat = Field(0.5, description="longest wait for the Redis store")
+    redis_prefix: str = Field("atajo:budget:", min_length=1, description="prefix of the Redis store's keys")
+    on_store_error: Literal["reject", "allow"] = Field(
+        "reject", description="with the store unreachable: reject requests (503) or let them through unchecked"
+    )
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> BudgetSettings:
+        labels = [limit.label for limit in self.limits]
+        for label in labels:
+            if labels.count(label) > 1:
+                raise ValueError(f"budgets.limits: two budgets are named {label!r}; give them distinct `name`s")
+        return self
+
+
+class LedgerSettings(_Model):
+    """The cost ledger: one row per request, written in batches off the request path."""
+
+    enabled: bool = True
+    url: str = Field(
+        "sqlite:///~/.cache/atajo/ledger.db",
+        pattern=r"^(sqlite|postgresql|postgres)://",
+        description="sqlite:///path or postgresql://…",
+    )
+    flush_interval_s: PositiveFloat = Field(
+        1.0, le=3600, description="records wait at most this long in memory (all a kill -9 can lose)"
+    )
+    max_pending: int = Field(100_000, ge=1, description="records held for writing beyond this are dropped (counted)")
+
+
 class Settings(_Model):
     server: ServerSettings = Field(default_factory=ServerSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
@@ -308,6 +467,12 @@ class Settings(_Model):
     models: dict[str, ModelSettings] = Field(default_factory=dict)
     cache: CacheSettings = Field(default_factory=CacheSettings)
     coalesce: CoalesceSettings = Field(default_factory=CoalesceSettings)
+    catalog: dict[str, Any] = Field(
+        default_factory=dict, description="overrides of the model catalog (docs/routing.md); checked at start"
+    )
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    budgets: BudgetSettings = Field(default_factory=BudgetSettings)
+    ledger: LedgerSettings = Field(default_factory=LedgerSettings)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @model_validator(mode="after")
@@ -316,6 +481,19 @@ class Settings(_Model):
             for i, fallback in enumerate(model.fallbacks):
                 if fallback not in self.models:
                     raise ValueError(f"models.{name}.fallbacks.{i}: unknown model {fallback!r}")
+        for group, route in self.routing.models.items():
+            if group in self.models:
+                raise ValueError(f"routing.models.{group}: also a name in `models`; a routed name must be its own")
+            for i, candidate in enumerate(route.candidates):
+                if candidate not in self.models or candidate == "*":
+                    raise ValueError(f"routing.models.{group}.candidates.{i}: {candidate!r} is not a model in `models`")
+            for where, named in (("baseline", route.baseline), ("cascade.strong", route.cascade.strong)):
+                if named is not None and named not in self.models:
+                    raise ValueError(f"routing.models.{group}.{where}: {named!r} is not a model in `models`")
+        for i, limit in enumerate(self.budgets.limits):
+            known = {k.name for k in self.auth.keys} if limit.scope == "key" else None
+            if known is not None and limit.match != "*" and limit.match not in known:
+                raise ValueError(f"budgets.limits.{i}.match: {limit.match!r} is not a key name in auth.keys")
         semantic = self.cache.semantic
         if semantic.enabled and semantic.embedder != "local":
             if semantic.embedder not in self.models:
@@ -424,7 +602,7 @@ def format_validation_error(exc: ValidationError) -> str:
     for err in exc.errors():
         path = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
-        if msg.startswith("models.") and path == "(top level)":
+        if path == "(top level)" and msg.split(".", 1)[0] in Settings.model_fields:
             lines.append(msg)
         else:
             lines.append(f"{path}: {msg}")

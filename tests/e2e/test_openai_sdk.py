@@ -98,7 +98,7 @@ def test_embeddings_string_and_list(gateway: GatewayFactory, openai_upstream: Up
 def test_models_listing(gateway: GatewayFactory, openai_upstream: Upstream) -> None:
     _, up = openai_upstream
     gw = gateway({"models": {"b": openai_model(up.url), "a": openai_model(up.url)}})
-    assert [m.id for m in client(gw).models.list()] == ["a", "b"]
+    assert [m.id for m in client(gw).models.list()] == ["a", "auto", "b"]  # auto: the routed name
     assert client(gw).models.retrieve("a").id == "a"
     with pytest.raises(openai.NotFoundError):
         client(gw).models.retrieve("zzz")
@@ -156,7 +156,12 @@ def test_no_config_with_openai_key_proxies_any_model_name(openai_upstream: Upstr
     from atajo.settings import load_settings
 
     upstream, up = openai_upstream
-    env = {"OPENAI_API_KEY": "sk-from-env", "OPENAI_BASE_URL": up.url + "/v1", "ATAJO_CACHE__ENABLED": "false"}
+    env = {
+        "OPENAI_API_KEY": "sk-from-env",
+        "OPENAI_BASE_URL": up.url + "/v1",
+        "ATAJO_CACHE__ENABLED": "false",
+        "ATAJO_LEDGER__ENABLED": "false",
+    }
     settings = load_settings(None, env=env)
     with LiveServer(build_app(settings)) as gw:
         raw = client(gw).chat.completions.with_raw_response.create(

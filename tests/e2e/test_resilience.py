@@ -78,6 +78,7 @@ def gateway() -> Iterator[GatewayFactory]:
     def start(config: dict[str, Any]) -> Gateway:
         sleep, clock = RecordingSleep(), FakeClock()
         config.setdefault("cache", {"enabled": False})  # these tests count upstream calls
+        config.setdefault("ledger", {"enabled": False})  # it would write under ~/.cache/atajo
         app = build_app(Settings.model_validate(config), sleep=sleep, clock=clock)
         services = app.services
         server = LiveServer(app).start()

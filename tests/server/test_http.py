@@ -228,7 +228,7 @@ async def test_unexpected_exception_is_a_plain_500(http: aiohttp.ClientSession) 
     async def broken(_: Request) -> Reply:
         raise KeyError("secret-internal-detail")
 
-    app: Gateway = build_app(Settings.model_validate({"cache": {"enabled": False}}))
+    app: Gateway = build_app(Settings.model_validate({"cache": {"enabled": False}, "ledger": {"enabled": False}}))
     app.router.add([("GET", "/boom", broken)])
     with LiveServer(app) as server:
         async with http.get(server.url + "/boom", headers={"x-request-id": "r1"}) as resp:

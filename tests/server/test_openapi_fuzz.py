@@ -32,6 +32,7 @@ def fuzz_gateway() -> Iterator[LiveServer]:
             "server": {"max_body_bytes": 65536},
             "models": default_models({}),
             "cache": {"tiers": [{"url": "memory://", "ttl_s": 60}]},
+            "ledger": {"enabled": False},  # it would write under ~/.cache/atajo
         }
     )
     with LiveServer(build_app(config, sleep=_instant)) as server:

@@ -30,6 +30,8 @@ class Fault:
     stream_break_after: int | None = None  # chunks sent before the connection is cut mid-stream
     chunk_delay_s: float = 0.0
     stream_error_event: bool = False
+    finish_reason: str | None = None  # e.g. "length": a truncated answer (plain answers only)
+    content: str | None = None  # instead of the upstream's reply (plain answers only)
 
 
 @dataclass
@@ -91,8 +93,8 @@ class OpenAIUpstream(FaultScript[Fault]):
         usage = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
         n = body.get("n", 1)
         if not body.get("stream"):
-            message: dict[str, Any] = {"role": "assistant", "content": self.reply}
-            finish = "stop"
+            message: dict[str, Any] = {"role": "assistant", "content": outcome.content or self.reply}
+            finish = outcome.finish_reason or "stop"
             if body.get("tools") and body.get("tool_choice") != "none":
                 message = {
                     "role": "assistant",

@@ -1,4 +1,5 @@
-"""``atajo serve``, ``atajo config check``, ``atajo cache ...``, ``atajo eval ...``, ``atajo --version``."""
+"""``atajo serve``, ``atajo config check``, ``atajo cache ...``, ``atajo eval ...``, ``atajo report costs``,
+``atajo --version``."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import click
 
 from atajo import __version__
 from atajo.cli.cache import cache
+from atajo.cli.report import report
 from atajo.cli.routing import eval_routing
 from atajo.cli.semantic import calibrate, eval_semantic
 from atajo.errors import ConfigError
@@ -195,8 +197,12 @@ def config_check(file: Path) -> None:
 
 
 def _load(path: Path | None) -> Settings:
+    from atajo.core.catalog import load_catalog
+
     try:
-        return load_settings(path)
+        settings = load_settings(path)
+        load_catalog(settings.catalog)  # its errors name the field too (catalog.models.x.input_per_1k: ...)
+        return settings
     except ConfigError as err:
         click.echo(f"config error: {err.message}", err=True)
         sys.exit(err.exit_code)
@@ -209,6 +215,7 @@ def _setup_logging(level: str) -> None:
 
 
 cli.add_command(cache)
+cli.add_command(report)
 cache.add_command(calibrate)
 
 

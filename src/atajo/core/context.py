@@ -6,6 +6,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from atajo.core.results import Usage
+
 
 @dataclass(slots=True)
 class Principal:
@@ -44,6 +46,12 @@ class RequestContext:
     simulated: bool = False
     cost_micros: int | None = None
     """What the answer cost at catalog prices, in millionths of the catalog's currency, when known."""
+    provider_usage: Usage | None = None
+    """Tokens of every provider call made for this request (a cascade's two), as the providers reported them."""
+    cost_estimate_micros: int | None = None
+    """The cost expected before the call (a typical answer on the routed model), when it was estimated."""
+    route_reason: str | None = None
+    """Why a routed name (``model: auto``) became ``routed_model``: told in ``x-atajo-route-reason``."""
     upstream_ns: int = 0
     """Time spent waiting on providers (including retry back-off), subtracted to get our own added time."""
     first_token_ns: int | None = None

@@ -251,6 +251,62 @@ class CoalesceMetrics:
         self.leases.labels(outcome).inc()
 
 
+class BudgetMetrics:
+    """What budgets report (``atajo.budget.budgets.BudgetObserver``)."""
+
+    def __init__(self) -> None:
+        self.rejections = Counter(
+            "atajo_budget_rejections", "Requests refused because a budget would be exceeded", ["budget"]
+        )
+        self.alerts = Counter("atajo_budget_alerts", "Budgets passing their soft limit (alert_at)", ["budget"])
+        self.store_errors = Counter(
+            "atajo_budget_store_errors", "Budget store calls that failed, by operation (reserve, settle)", ["operation"]
+        )
+        self._used: dict[tuple[str, str], tuple[int, int]] = {}
+        self.own: list[Counter | Histogram] = [self.rejections, self.alerts, self.store_errors]
+
+    def rejected(self, budget: str) -> None:
+        self.rejections.labels(budget).inc()
+
+    def alert(self, budget: str) -> None:
+        self.alerts.labels(budget).inc()
+
+    def used(self, budget: str, unit: str, value: int, limit: int) -> None:
+        self._used[budget, unit] = (value, limit)
+
+    def store_error(self, operation: str) -> None:
+        self.store_errors.labels(operation).inc()
+
+    def collect_used(self) -> Iterable[Metric]:
+        yield gauge_family(
+            "atajo_budget_used_ratio",
+            "Share of each budget spent or reserved in its current window, as last seen by this instance",
+            ["budget", "unit"],
+            [([b, u], value / limit if limit else 0.0) for (b, u), (value, limit) in self._used.items()],
+        )
+
+
+class LedgerMetrics:
+    """What the cost ledger reports (``atajo.observe.ledger.LedgerObserver``)."""
+
+    def __init__(self) -> None:
+        self.written = Counter("atajo_ledger_records_written", "Ledger rows written to the database", [])
+        self.failures = Counter(
+            "atajo_ledger_write_failures", "Ledger batch writes that failed (their rows wait for the next try)", []
+        )
+        self.dropped = Counter("atajo_ledger_dropped", "Ledger rows dropped: too many waiting to be written", [])
+        self.own: list[Counter | Histogram] = [self.written, self.failures, self.dropped]
+
+    def ledger_written(self, rows: int) -> None:
+        self.written.labels().inc(rows)
+
+    def ledger_failed(self) -> None:
+        self.failures.labels().inc()
+
+    def ledger_dropped(self, rows: int) -> None:
+        self.dropped.labels().inc(rows)
+
+
 class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
@@ -314,14 +370,28 @@ class GatewayMetrics:
             "What answers served from the cache would have cost at catalog prices, in millionths of the currency",
             ["gen_ai_request_model"],
         )
+        self.route_decisions = Counter(
+            "atajo_route_decisions",
+            "Requests for a routed name (model: auto), by that name and the model chosen",
+            ["group", "gen_ai_request_model"],
+        )
+        self.cascade = Counter(
+            "atajo_route_cascade",
+            "Cascaded requests by outcome: kept (the cheap answer passed its checks), or the check that escalated",
+            ["outcome"],
+        )
         self.cache = CacheMetrics()
         self.coalesce = CoalesceMetrics()
+        self.budget = BudgetMetrics()
+        self.ledger = LedgerMetrics()
         self._own: list[Counter | Histogram | Gauge] = [
             self.requests, self.request_duration, self.overhead, self.errors, self.in_flight,
             self.operation_duration, self.token_usage, self.ttft, self.attempts, self.attempt_duration,
-            self.retries, self.fallbacks, self.spend, self.cache_saved, *self.cache.own, *self.coalesce.own,
+            self.retries, self.fallbacks, self.spend, self.cache_saved, self.route_decisions, self.cascade,
+            *self.cache.own, *self.coalesce.own, *self.budget.own, *self.ledger.own,
         ]  # fmt: skip
         self.add_collector(lambda: (m.collect() for m in self._own))
+        self.add_collector(self.budget.collect_used)
         self._model_names: frozenset[str] = frozenset()
 
     def set_model_names(self, names: Iterable[str]) -> None:

@@ -50,6 +50,14 @@ class Breaker:
             return True
         return False
 
+    def available(self) -> bool:
+        """Would ``allow()`` say yes now? Asked without taking the half-open probe (routing looks, then calls)."""
+        if self.state is State.CLOSED:
+            return True
+        if self.state is State.OPEN:
+            return self._clock() - self._opened_at >= self.cooldown_s
+        return not self._probing
+
     def allow_retry(self) -> bool:
         """May a caller that was let through call again after a failure? Not once the circuit has opened."""
         return self.state is State.CLOSED

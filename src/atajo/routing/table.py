@@ -30,6 +30,10 @@ class ModelTable:
     def has(self, model: str) -> bool:
         return model in self._deployments or WILDCARD in self._deployments
 
+    def deployments(self, model: str) -> list[Deployment]:
+        """The deployments configured under ``model`` (not the catch-all's, not its fallbacks')."""
+        return list(self._deployments.get(model, ()))
+
     def all_deployments(self) -> list[Deployment]:
         return [d for deps in self._deployments.values() for d in deps]
 

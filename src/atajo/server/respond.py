@@ -44,6 +44,10 @@ def atajo_headers(ctx: RequestContext) -> dict[str, str]:
         headers["x-atajo-cache-key"] = ctx.cache_key.partition("/")[2]  # without the tenant
     if ctx.coalesced:
         headers["x-atajo-coalesced"] = "true"
+    if ctx.route_reason is not None:
+        headers["x-atajo-route-reason"] = ctx.route_reason
+    if ctx.cost_estimate_micros is not None:
+        headers["x-atajo-cost-estimate-micros"] = str(ctx.cost_estimate_micros)
     if ctx.extra_headers:
         headers.update(ctx.extra_headers)
     return headers
