@@ -24,27 +24,32 @@ from typing import Any
 from prometheus_client.core import Metric
 
 from atajo.auth.keys import KeyRing
+from atajo.batches.store import BatchStore
 from atajo.cache.service import CacheService
 from atajo.coalesce.lease import Claim, RedisLease
 from atajo.coalesce.singleflight import SingleFlight
+from atajo.core.batches import BatchApi
 from atajo.core.catalog import Catalog
 from atajo.core.context import RequestContext
 from atajo.core.deployments import Deployment
-from atajo.core.pipeline import Stage, build_pipeline
+from atajo.core.pipeline import Handler, Stage, build_pipeline
 from atajo.core.requests import EmbeddingsRequest
 from atajo.core.results import Completion
+from atajo.observe.deferred import DeferredMetrics
 from atajo.observe.metrics import GatewayMetrics, counter_family, gauge_family
 from atajo.providers.base import Provider
 from atajo.providers.pool import HttpPool
 from atajo.routing.breaker import BreakerBoard
 from atajo.routing.retry import RetryPolicy
 from atajo.routing.table import ModelTable
+from atajo.server.batches import BatchesApi
 from atajo.server.cache_admin import CacheAdmin
 from atajo.server.edge import EdgeServer, Limits, Reply, Request
 from atajo.server.http import GatewayServer, Router
 from atajo.settings import Settings
 from atajo.stages.cache import CacheStage
 from atajo.stages.coalesce import CoalesceStage, Piece
+from atajo.stages.deferred import DeferredLane
 from atajo.stages.observe import ObserveStage
 from atajo.stages.upstream import Sleep, UpstreamStage
 
@@ -56,6 +61,10 @@ PROVIDERS = {
     "anthropic": "atajo.providers.anthropic:AnthropicProvider",
     "simulated": "atajo.providers.simulated:SimulatedProvider",
 }
+
+
+BATCH_APIS = {"openai": "atajo.providers.openai_batch:OpenAIBatchApi"}
+"""Provider name → its Batch API adapter ("module:class"), for the deferred lane."""
 
 
 @dataclass
@@ -70,6 +79,7 @@ class Services:
     server: GatewayServer
     cache: CacheService | None
     coalesce: CoalesceStage
+    lane: DeferredLane | None = None
 
 
 def build_table(settings: Settings) -> ModelTable:
@@ -171,7 +181,31 @@ def build_services(
     if cache is not None:
         metrics.add_collector(partial(cache_metrics, cache))
     metrics.add_collector(partial(coalesce_metrics, coalesce, metrics, cache_stage))
-    return Services(settings, metrics, pool, table, breakers, keys, catalog, server, cache, coalesce)
+    lane = (
+        build_lane(settings, table, pool, pipeline, catalog, metrics, wall_clock) if settings.batches.enabled else None
+    )
+    return Services(settings, metrics, pool, table, breakers, keys, catalog, server, cache, coalesce, lane)
+
+
+def build_lane(
+    settings: Settings,
+    table: ModelTable,
+    pool: HttpPool,
+    pipeline: Handler,
+    catalog: Catalog,
+    metrics: GatewayMetrics,
+    wall_clock: Callable[[], float],
+) -> DeferredLane:
+    """The deferred lane: its store, the Batch API adapters its deployments need, and its worker, which
+    answers other requests through the same pipeline as clients' requests."""
+    apis: dict[str, BatchApi] = {}
+    for name in sorted({d.provider for d in table.all_deployments() if d.batch_api}):
+        module, _, cls_name = BATCH_APIS[name].partition(":")
+        apis[name] = getattr(importlib.import_module(module), cls_name)(pool)
+    deferred = DeferredMetrics(metrics.model_label)
+    metrics.add_collector(deferred.collect)
+    store = BatchStore(settings.batches.url)
+    return DeferredLane(store, table, apis, pipeline, catalog, settings.batches, deferred.record, clock=wall_clock)
 
 
 def build_coalesce(
@@ -295,6 +329,8 @@ class Gateway:
         await self.services.pool.start()
         if self.services.cache is not None:
             await self.services.cache.start()
+        if self.services.lane is not None:
+            await self.services.lane.start()  # opens its store in the background: a failure there is logged
         self.services.server.accepting = True
 
     async def stop(self) -> None:
@@ -302,6 +338,9 @@ class Gateway:
         self.services.server.accepting = False
 
     async def close(self) -> None:
+        if self.services.lane is not None:
+            await self.services.lane.close()
+            await self.services.lane.store.close()
         await self.services.coalesce.close()
         if self.services.cache is not None:
             await self.services.cache.close()
@@ -318,7 +357,9 @@ class Gateway:
         """Start the services, then listen (on ``sock``, or ``host``:``port``)."""
         await self.start()
         server = self.services.settings.server
+        batches = self.services.settings.batches
         limits = Limits(
+            body_limits=(("/v1/files", batches.max_file_bytes),) if batches.enabled else (),
             max_body_bytes=server.max_body_bytes,
             max_header_bytes=server.max_header_bytes,
             header_timeout_s=server.header_timeout_s,
@@ -348,6 +389,17 @@ def build_app(
     router = Router(services.server.routes())
     if services.cache is not None:
         router.add(CacheAdmin(services.cache, services.keys.authenticate, services.server.request_id).routes())
+    if services.lane is not None:
+        api = BatchesApi(
+            services.lane.store,
+            services.lane,
+            services.keys.authenticate,
+            services.server.request_id,
+            settings.batches,
+            services.table.has,
+            clock=wall_clock,
+        )
+        router.add(api.routes())
     return Gateway(services, router)
 
 
