@@ -185,7 +185,7 @@ class BatchesApi:
         return await self._call(request, self._list_files)
 
     async def _list_files(self, principal: Principal, request: Request) -> JSONObject:
-        query = _query(request)
+        query = _query(request, "purpose", "limit")
         limit = _limit(query, default=10_000, most=10_000)
         purpose = query.get("purpose")
         files = await self.store.list_files(principal.tenant, purpose, limit + 1)
@@ -305,11 +305,11 @@ class BatchesApi:
         return await self._call(request, self._list_batches)
 
     async def _list_batches(self, principal: Principal, request: Request) -> JSONObject:
-        query = _query(request)
+        query = _query(request, "after", "limit")
         limit = _limit(query, default=20, most=100)
         after = query.get("after")
         if after is not None and await self.store.get_batch(principal.tenant, after) is None:
-            raise InvalidRequest(f"'after': no batch {after[:80]!r}.", param="after")
+            raise NotFound(f"'after': no batch found with id {after[:80]!r}.", param="after")
         found = await self.store.list_batches(principal.tenant, after, limit + 1)
         data = [await self._render(b) for b in found[:limit]]
         return _page(data, has_more=len(found) > limit)
@@ -364,8 +364,13 @@ def _no_file(file_id: str) -> NotFound:
     return NotFound(f"No file found with id '{file_id[:80]}'.", param="file_id")
 
 
-def _query(request: Request) -> dict[str, str]:
-    return {k: v[0] for k, v in parse_qs(request.query, keep_blank_values=True).items()}
+def _query(request: Request, *allowed: str) -> dict[str, str]:
+    query = {k: v[0] for k, v in parse_qs(request.query, keep_blank_values=True).items()}
+    unknown = sorted(set(query) - set(allowed))
+    if unknown:
+        raise InvalidRequest(f"Unknown query parameter '{unknown[0][:40]}' (expected {', '.join(allowed)}).",
+                             param=unknown[0][:40])  # fmt: skip
+    return query
 
 
 def _limit(query: dict[str, str], *, default: int, most: int) -> int:
