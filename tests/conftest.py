@@ -50,6 +50,7 @@ def gateway() -> Iterator[GatewayFactory]:
         config.setdefault("models", default_models({}))  # as with no config and no provider key: simulated
         config.setdefault("cache", {"enabled": False})
         config.setdefault("ledger", {"enabled": False})
+        config["batches"] = {"url": "sqlite://:memory:", **config.get("batches", {})}  # never the home directory
         settings = Settings.model_validate(config)
         kwargs: dict[str, Any] = {"sleep": _no_sleep} if instant_backoff else {}
         kwargs.update(app_kwargs)

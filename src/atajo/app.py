@@ -24,20 +24,23 @@ from typing import Any
 from prometheus_client.core import Metric
 
 from atajo.auth.keys import KeyRing
+from atajo.batches.store import BatchStore
 from atajo.budget.budgets import Budgets
 from atajo.budget.memory import MemoryBudgetStore
 from atajo.budget.store import BudgetStore
 from atajo.cache.service import CacheService
 from atajo.coalesce.lease import Claim, RedisLease
 from atajo.coalesce.singleflight import SingleFlight
+from atajo.core.batches import BatchApi, DeferredCost
 from atajo.core.catalog import Catalog, ModelInfo, load_catalog
 from atajo.core.context import RequestContext
 from atajo.core.deployments import Deployment
-from atajo.core.pipeline import Stage, build_pipeline
+from atajo.core.pipeline import Handler, Stage, build_pipeline
 from atajo.core.requests import EmbeddingsRequest
 from atajo.core.results import Completion
 from atajo.errors import ConfigError
-from atajo.observe.ledger import Ledger
+from atajo.observe.deferred import DeferredMetrics
+from atajo.observe.ledger import Ledger, LedgerRecord
 from atajo.observe.metrics import GatewayMetrics, counter_family, gauge_family
 from atajo.providers.base import Provider
 from atajo.providers.pool import HttpPool
@@ -47,6 +50,7 @@ from atajo.routing.retry import RetryPolicy
 from atajo.routing.select import Candidate, Selector
 from atajo.routing.table import WILDCARD, ModelTable
 from atajo.routing.tokens import TokenCounter
+from atajo.server.batches import BatchesApi
 from atajo.server.cache_admin import CacheAdmin
 from atajo.server.edge import EdgeServer, Limits, Reply, Request
 from atajo.server.http import GatewayServer, Router
@@ -54,6 +58,7 @@ from atajo.settings import Settings
 from atajo.stages.budget import BudgetStage
 from atajo.stages.cache import CacheStage
 from atajo.stages.coalesce import CoalesceStage, Piece
+from atajo.stages.deferred import DeferredLane
 from atajo.stages.observe import ObserveStage
 from atajo.stages.route import Group, RouteStage
 from atajo.stages.upstream import Sleep, UpstreamStage
@@ -66,6 +71,10 @@ PROVIDERS = {
     "anthropic": "atajo.providers.anthropic:AnthropicProvider",
     "simulated": "atajo.providers.simulated:SimulatedProvider",
 }
+
+
+BATCH_APIS = {"openai": "atajo.providers.openai_batch:OpenAIBatchApi"}
+"""Provider name → its Batch API adapter ("module:class"), for the deferred lane."""
 
 
 @dataclass
@@ -82,6 +91,7 @@ class Services:
     coalesce: CoalesceStage
     budgets: Budgets
     ledger: Ledger | None
+    lane: DeferredLane | None = None
 
 
 def build_table(settings: Settings) -> ModelTable:
@@ -214,7 +224,14 @@ def build_services(
                 gauge_family("atajo_ledger_pending", "Ledger rows waiting to be written", [], [([], ledger.pending)])
             ]
         )
-    return Services(settings, metrics, pool, table, breakers, keys, catalog, server, cache, coalesce, budgets, ledger)
+    lane = (
+        build_lane(settings, table, pool, pipeline, catalog, metrics, wall_clock, ledger)
+        if settings.batches.enabled
+        else None
+    )
+    return Services(
+        settings, metrics, pool, table, breakers, keys, catalog, server, cache, coalesce, budgets, ledger, lane
+    )
 
 
 def pricer(table: ModelTable, catalog: Catalog) -> Callable[[str], ModelInfo | None]:
@@ -311,6 +328,61 @@ def build_route(
         groups[group] = Group(selector, route.cascade)
     key_policies = {key.name: key.route for key in settings.auth.keys}
     return RouteStage(groups, routing.defaults, key_policies, counter, price, metrics, catalog.currency)
+
+
+def build_lane(
+    settings: Settings,
+    table: ModelTable,
+    pool: HttpPool,
+    pipeline: Handler,
+    catalog: Catalog,
+    metrics: GatewayMetrics,
+    wall_clock: Callable[[], float],
+    ledger: Ledger | None = None,
+) -> DeferredLane:
+    """The deferred lane: its store, the Batch API adapters its deployments need, and its worker, which
+    answers other requests through the same pipeline as clients' requests."""
+    apis: dict[str, BatchApi] = {}
+    for name in sorted({d.provider for d in table.all_deployments() if d.batch_api}):
+        module, _, cls_name = BATCH_APIS[name].partition(":")
+        apis[name] = getattr(importlib.import_module(module), cls_name)(pool)
+    deferred = DeferredMetrics(metrics.model_label)
+    metrics.add_collector(deferred.collect)
+    store = BatchStore(settings.batches.url)
+
+    def record(cost: DeferredCost) -> None:
+        deferred.record(cost)
+        # Requests the lane ran through the pipeline are in the ledger already (the observe stage wrote them);
+        # those answered by a provider's Batch API are written here, their saving put down to batching.
+        if ledger is not None and cost.via_batch_api:
+            ledger.record(batch_ledger_record(cost, wall_clock()))
+
+    return DeferredLane(store, table, apis, pipeline, catalog, settings.batches, record, clock=wall_clock)
+
+
+def batch_ledger_record(cost: DeferredCost, at: float) -> LedgerRecord:
+    """The ledger row of a request a provider's Batch API answered: priced at the batch price, its baseline
+    the synchronous price (the lane does not see token counts per request: 0)."""
+    return LedgerRecord(
+        at=at,
+        request_id=f"{cost.batch_id}/{cost.custom_id}",
+        tenant=cost.tenant,
+        key_name="",
+        operation="batch",
+        requested_model=cost.model,
+        routed_model=cost.model,
+        response_model=cost.upstream_model,
+        prompt_tokens=0,
+        completion_tokens=0,
+        cached_tokens=0,
+        cost_micros=cost.cost_micros,
+        baseline_micros=cost.sync_cost_micros,
+        cache_status="bypass",
+        cause="batching",
+        latency_ms=0.0,
+        outcome="ok",
+        stream=False,
+    )
 
 
 def build_coalesce(
@@ -436,6 +508,8 @@ class Gateway:
             await self.services.ledger.start()
         if self.services.cache is not None:
             await self.services.cache.start()
+        if self.services.lane is not None:
+            await self.services.lane.start()  # opens its store in the background: a failure there is logged
         self.services.server.accepting = True
 
     async def stop(self) -> None:
@@ -443,6 +517,9 @@ class Gateway:
         self.services.server.accepting = False
 
     async def close(self) -> None:
+        if self.services.lane is not None:
+            await self.services.lane.close()
+            await self.services.lane.store.close()
         await self.services.coalesce.close()
         await self.services.budgets.close()
         if self.services.ledger is not None:
@@ -462,7 +539,9 @@ class Gateway:
         """Start the services, then listen (on ``sock``, or ``host``:``port``)."""
         await self.start()
         server = self.services.settings.server
+        batches = self.services.settings.batches
         limits = Limits(
+            body_limits=(("/v1/files", batches.max_file_bytes),) if batches.enabled else (),
             max_body_bytes=server.max_body_bytes,
             max_header_bytes=server.max_header_bytes,
             header_timeout_s=server.header_timeout_s,
@@ -492,6 +571,17 @@ def build_app(
     router = Router(services.server.routes())
     if services.cache is not None:
         router.add(CacheAdmin(services.cache, services.keys.authenticate, services.server.request_id).routes())
+    if services.lane is not None:
+        api = BatchesApi(
+            services.lane.store,
+            services.lane,
+            services.keys.authenticate,
+            services.server.request_id,
+            settings.batches,
+            services.table.has,
+            clock=wall_clock,
+        )
+        router.add(api.routes())
     return Gateway(services, router)
 
 

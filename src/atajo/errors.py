@@ -9,6 +9,7 @@
     ├── NotFound                    404 (unknown route)
     │   └── ModelNotFound           404 (code model_not_found)
     ├── MethodNotAllowed            405
+    ├── Conflict                    409 (the resource's state does not allow it: cancelling a finished batch)
     ├── PayloadTooLarge             413
     ├── RateLimited                 429 rate_limit_exceeded (carries retry_after_s)
     │   └── BudgetExceeded          429 insufficient_quota (code budget_exceeded; names the budget)
@@ -87,6 +88,12 @@ class MethodNotAllowed(AtajoError):
     status = 405
     type = "invalid_request_error"
     code = "method_not_allowed"
+
+
+class Conflict(AtajoError):
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
 
 
 class PayloadTooLarge(AtajoError):

@@ -165,6 +165,11 @@ class DeploymentSettings(_Model):
     connect_timeout_s: PositiveFloat | None = None
     weight: float = Field(1.0, gt=0)
     stream_usage: bool = Field(True, description="ask the upstream for a usage chunk on every stream")
+    batch_api: bool | None = Field(
+        None,
+        description="send deferred (batch) requests through the upstream's Batch API (/files + /batches); "
+        "default: only for OpenAI's own API (https://api.openai.com)",
+    )
     simulated: SimulatedSettings = Field(default_factory=SimulatedSettings)
 
     @field_validator("base_url")
@@ -173,6 +178,14 @@ class DeploymentSettings(_Model):
         if v is not None and not re.match(r"^https?://[^/\s]+", v):
             raise ValueError("must be an http:// or https:// URL")
         return v.rstrip("/") if v else v
+
+    @model_validator(mode="after")
+    def _batch_api_supported(self) -> DeploymentSettings:
+        if self.batch_api and self.provider != "openai":
+            raise ValueError(
+                f"batch_api: only OpenAI-compatible Batch APIs are supported, not the {self.provider} provider's"
+            )
+        return self
 
 
 class ModelSettings(_Model):
@@ -458,6 +471,32 @@ class LedgerSettings(_Model):
     max_pending: int = Field(100_000, ge=1, description="records held for writing beyond this are dropped (counted)")
 
 
+class BatchSettings(_Model):
+    """The deferred lane: Atajo's own OpenAI-compatible ``/v1/files`` + ``/v1/batches``, run through the
+    providers' Batch APIs where a deployment has one (at their discount), else through the normal pipeline."""
+
+    enabled: bool = True
+    url: str = Field(
+        "sqlite:///~/.cache/atajo/batches.db",
+        pattern=r"^(sqlite|postgresql|postgres)://",
+        description="where files and batches are kept: sqlite:///path.db or postgresql://…",
+    )
+    max_file_bytes: int = Field(
+        100 * 1024 * 1024, ge=1024, description="largest /v1/files upload (413 beyond it); the whole file is held"
+    )
+    max_requests: int = Field(50_000, ge=1, description="most request lines in one batch input file")
+    poll_interval_s: PositiveFloat = Field(30.0, description="how often an upstream batch's status is read")
+    concurrency: int = Field(
+        4, ge=1, le=256, description="requests of one batch run at once through the normal pipeline"
+    )
+    expire_after_s: PositiveFloat = Field(
+        86_400.0, description="a batch not finished this long after creation expires (completion_window 24h)"
+    )
+    keep_files_s: PositiveFloat = Field(
+        30 * 86_400.0, description="files (inputs and results) are deleted this long after they were created"
+    )
+
+
 class Settings(_Model):
     server: ServerSettings = Field(default_factory=ServerSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
@@ -473,6 +512,7 @@ class Settings(_Model):
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     budgets: BudgetSettings = Field(default_factory=BudgetSettings)
     ledger: LedgerSettings = Field(default_factory=LedgerSettings)
+    batches: BatchSettings = Field(default_factory=BatchSettings)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @model_validator(mode="after")

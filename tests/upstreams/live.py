@@ -72,6 +72,8 @@ class LiveServer:
         return future.result(timeout)
 
     def stop(self) -> None:
+        if self.loop.is_closed():
+            return  # stopped already (a test that restarts a gateway stops it itself)
         if self._runner is not None:
             self.call(self._runner.cleanup())
         if self._edge is not None and isinstance(self._app, Gateway):

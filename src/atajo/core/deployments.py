@@ -23,6 +23,8 @@ class Deployment:
     weight: float
     stream_usage: bool
     simulated: SimulatedSettings
+    batch_api: bool = False
+    """Deferred requests go through this upstream's Batch API (``/files`` + ``/batches``)."""
 
     def model_for(self, requested: str) -> str:
         return self.upstream_model or requested
@@ -44,4 +46,13 @@ class Deployment:
             weight=d.weight,
             stream_usage=d.stream_usage,
             simulated=d.simulated,
+            batch_api=_batch_api(d),
         )
+
+
+def _batch_api(d: DeploymentSettings) -> bool:
+    """Explicit, else only OpenAI's own API: most OpenAI-compatible servers (vLLM, Ollama…) have no Batch API,
+    and Anthropic's Message Batches are not supported yet."""
+    if d.batch_api is not None:
+        return d.batch_api
+    return d.provider == "openai" and (d.base_url or DEFAULT_BASE_URLS["openai"]) == DEFAULT_BASE_URLS["openai"]

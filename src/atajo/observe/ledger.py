@@ -25,7 +25,7 @@ from typing import Any, Protocol
 log = logging.getLogger("atajo.ledger")
 
 TABLE = "atajo_ledger"
-CAUSES = ("cache", "routing", "coalescing", "none")
+CAUSES = ("cache", "routing", "coalescing", "batching", "none")
 
 
 @dataclass(slots=True)

@@ -78,6 +78,26 @@ async def post_json(
     return decode_object(raw, deployment)
 
 
+async def call(
+    pool: HttpPool,
+    deployment: Deployment,
+    method: str,
+    url: str,
+    payload: bytes,
+    headers: Mapping[str, str],
+) -> bytes:
+    """Any method, the 2xx answer's body as bytes (a file's content); failures as in :func:`post_json`."""
+    pool.count_sent(deployment.base_url)
+    try:
+        resp = await pool.request(url, payload, headers, pool.timeout(deployment, False), method)
+    except ClientError as exc:
+        raise _translate(exc, deployment) from None
+    raw = resp.body()
+    if resp.status >= 300:
+        raise _status_error(resp, raw, deployment)
+    return raw
+
+
 @asynccontextmanager
 async def post(
     pool: HttpPool,

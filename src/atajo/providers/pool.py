@@ -130,8 +130,9 @@ class HttpPool:
         idle = sum(1 for conns in self._idle.values() for conn in conns if not conn.lost)
         return idle, self._in_use
 
-    def target(self, url: str) -> Target:
-        target = self._targets.get(url)
+    def target(self, url: str, method: str = "POST") -> Target:
+        cache_key = url if method == "POST" else f"{method} {url}"
+        target = self._targets.get(cache_key)
         if target is None:
             parts = urlsplit(url)
             tls = parts.scheme == "https"
@@ -141,16 +142,18 @@ class HttpPool:
             host_header = host if parts.port is None else f"{host}:{port}"
             if ":" in host:
                 host_header = f"[{host}]" if parts.port is None else f"[{host}]:{port}"
-            head = f"POST {path} HTTP/1.1\r\nhost: {host_header}\r\nconnection: keep-alive\r\nuser-agent: atajo\r\n"
-            target = self._targets[url] = Target(f"{host}:{port}", host, port, tls, head.encode())
+            head = f"{method} {path} HTTP/1.1\r\nhost: {host_header}\r\nconnection: keep-alive\r\nuser-agent: atajo\r\n"
+            target = self._targets[cache_key] = Target(f"{host}:{port}", host, port, tls, head.encode())
         return target
 
-    async def request(self, url: str, payload: bytes, headers: Mapping[str, str], t: Timeouts) -> Response:
-        """POST; a plain call (``t.total``) returns the whole answer with its connection back in the pool, a
-        stream returns once the headers are in, holding its connection until :meth:`release`."""
+    async def request(
+        self, url: str, payload: bytes, headers: Mapping[str, str], t: Timeouts, method: str = "POST"
+    ) -> Response:
+        """POST (or ``method``); a plain call (``t.total``) returns the whole answer with its connection back in
+        the pool, a stream returns once the headers are in, holding its connection until :meth:`release`."""
         session = self.session
         loop = session.loop
-        target = self._targets.get(url) or self.target(url)
+        target = (self._targets.get(url) if method == "POST" else None) or self.target(url, method)
         data = target.head + _header_block(headers, len(payload)) + payload
         deadline = None if t.total is None else loop.time() + t.total
         wait_deadline = deadline if t.connect is None else loop.time() + t.connect

@@ -55,6 +55,9 @@ class Limits:
     keep_alive_s: float = 75.0
     """An idle keep-alive connection is closed after this long (aiohttp's default, which this edge replaced:
     longer than clients' own idle timeouts, so a client never reuses a connection we are closing)."""
+    body_limits: tuple[tuple[str, int], ...] = ()
+    """(path, limit) pairs: requests to that path may send bodies up to that limit (file uploads) rather than
+    ``max_body_bytes``."""
 
 
 class Response:
@@ -113,6 +116,7 @@ class Request:
         "content_length",
         "headers",
         "keep_alive",
+        "max_body_bytes",
         "method",
         "path",
         "query",
@@ -131,6 +135,7 @@ class Request:
         self.version = "1.1"
         self.keep_alive = True
         self.content_length: int | None = None
+        self.max_body_bytes = conn.limits.max_body_bytes
         self.complete = False
         self.too_large = False
         self.stream_started = False
@@ -142,7 +147,7 @@ class Request:
         self._error: Exception | None = None
 
     async def body(self) -> bytes:
-        limit = self._conn.limits.max_body_bytes
+        limit = self.max_body_bytes
         if self.too_large or (self.content_length is not None and self.content_length > limit):
             self.too_large = True
             raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
@@ -171,7 +176,7 @@ class Request:
         if self.too_large:
             return
         self._size += len(data)
-        if self._size > self._conn.limits.max_body_bytes:
+        if self._size > self.max_body_bytes:
             self.too_large = True
             self._chunks.clear()
             self._wake()
@@ -314,6 +319,9 @@ class Connection(asyncio.Protocol):
         request = Request(self, self.parser.get_method().decode("ascii"), path, query, self._headers)
         request.version = self.parser.get_http_version()
         request.keep_alive = self.parser.should_keep_alive()
+        for limited, limit in self.limits.body_limits:
+            if path == limited:
+                request.max_body_bytes = limit
         length = self._headers.get("content-length")
         if length is not None:
             request.content_length = int(length)  # llhttp accepts only digits here

@@ -21,6 +21,7 @@ from atajo.core.results import Completion
 from atajo.errors import (
     AtajoError,
     AuthenticationFailed,
+    InvalidRequest,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
@@ -111,6 +112,13 @@ class GatewayServer:
         status, code = 200, ""
         try:
             ctx.principal = await self.authenticate(request.headers)
+            if request.headers.get("x-atajo-priority", "").strip().lower() == "batch":
+                raise InvalidRequest(
+                    "x-atajo-priority: batch is not taken on this endpoint: send deferred requests through the "
+                    "Batch API (POST /v1/files with purpose=batch, then POST /v1/batches), which answers at the "
+                    "providers' batch prices.",
+                    code="use_batches_api",
+                )
             core = parse(decode(await self._body(request)))
             result = await self.pipeline(core, ctx)
             if isinstance(result, Completion):
@@ -219,12 +227,15 @@ class Router:
     def __init__(self, routes: Iterable[Route] = ()) -> None:
         self._exact: dict[tuple[str, str], Handle] = {}
         self._prefixes: list[tuple[str, str, Handle]] = []
+        self._templates: list[tuple[str, str, tuple[str, ...], Handle]] = []
         self._methods: dict[str, set[str]] = {}
         self.add(routes)
 
     def add(self, routes: Iterable[Route]) -> None:
         for method, path, handle in routes:
-            if path.endswith("/"):
+            if "{" in path:
+                self._templates.append((method, path, tuple(path.split("/")), handle))
+            elif path.endswith("/"):
                 self._prefixes.append((method, path, handle))
             else:
                 self._exact[method, path] = handle
@@ -238,8 +249,12 @@ class Router:
         handle = self._exact.get((method, path)) or (self._exact.get(("GET", path)) if method == "HEAD" else None)
         if handle is not None:
             return handle, path
-        if path in self._methods:
+        if path in self._methods and "{" not in path:
             return None, path
+        if self._templates:
+            found = self._match_template(method, path)
+            if found[1]:
+                return found
         for route_method, prefix, prefix_handle in self._prefixes:
             rest = path[len(prefix) :]
             if path.startswith(prefix) and rest and "/" not in rest:
@@ -247,6 +262,19 @@ class Router:
                     return prefix_handle, prefix
                 return None, prefix
         return None, ""
+
+    def _match_template(self, method: str, path: str) -> tuple[Handle | None, str]:
+        """Paths like ``/v1/files/{file_id}/content``: each ``{…}`` is one non-empty segment."""
+        segments = path.split("/")
+        matched = ""
+        for route_method, template, parts, handle in self._templates:
+            if len(parts) != len(segments):
+                continue
+            if all(p == s or (p.startswith("{") and s) for p, s in zip(parts, segments, strict=True)):
+                if route_method == method or (method == "HEAD" and route_method == "GET"):
+                    return handle, template
+                matched = template
+        return None, matched
 
     async def dispatch(self, request: HttpRequest) -> Reply:
         handle, pattern = self._find(request.method, request.path)

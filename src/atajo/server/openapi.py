@@ -17,7 +17,8 @@ def _errors(*statuses: int) -> JSONObject:
         400: "Invalid request (malformed JSON, wrong types)",
         401: "Missing or wrong API key",
         403: "The key may not do this (another tenant, or master key only)",
-        404: "Unknown model",
+        404: "Unknown model, file or batch (another tenant's included)",
+        409: "The batch's state does not allow it (cancelling a finished batch)",
         413: "Body over the size limit",
         429: "Rate limited",
         502: "Every upstream attempt failed",
@@ -253,6 +254,209 @@ _STATS: JSONObject = {
 }
 
 
+_FILE: JSONObject = {
+    "type": "object",
+    "required": ["id", "object", "bytes", "created_at", "filename", "purpose"],
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"const": "file"},
+        "bytes": {"type": "integer", "minimum": 0},
+        "created_at": {"type": "integer"},
+        "expires_at": {"type": ["integer", "null"]},
+        "filename": {"type": "string"},
+        "purpose": {"enum": ["batch", "batch_output"]},
+        "status": {"type": "string"},
+    },
+}
+_BATCH_STATUS = ["validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling", "cancelled"]
+_BATCH: JSONObject = {
+    "type": "object",
+    "required": ["id", "object", "endpoint", "input_file_id", "completion_window", "status", "created_at"],
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"const": "batch"},
+        "endpoint": {"enum": ["/v1/chat/completions", "/v1/embeddings"]},
+        "input_file_id": {"type": "string"},
+        "completion_window": {"const": "24h"},
+        "status": {"enum": _BATCH_STATUS},
+        "output_file_id": {"type": ["string", "null"]},
+        "error_file_id": {"type": ["string", "null"]},
+        "created_at": {"type": "integer"},
+        "request_counts": {
+            "type": "object",
+            "required": ["total", "completed", "failed"],
+            "properties": {k: {"type": "integer", "minimum": 0} for k in ("total", "completed", "failed")},
+        },
+        "metadata": {"type": ["object", "null"], "additionalProperties": {"type": "string"}},
+        "usage": {
+            "type": "object",
+            "description": "tokens as in OpenAI's Batch API, and Atajo's cost figures: cost_micros at the price paid "
+            "(batch price through a provider's Batch API), sync_cost_micros at the synchronous price, saved_micros "
+            "their difference (millionths of the catalog currency)",
+            "properties": {
+                k: {"type": "integer"}
+                for k in ("input_tokens", "output_tokens", "total_tokens", "cost_micros", "sync_cost_micros")
+            },
+        },
+    },
+}
+
+
+def _list_of(item: JSONObject) -> JSONObject:
+    return {
+        "type": "object",
+        "required": ["object", "data", "has_more"],
+        "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": item},
+                       "has_more": {"type": "boolean"}},
+    }  # fmt: skip
+
+
+_ID = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,100}$"}
+
+
+def _path_id(name: str) -> list[JSONObject]:
+    return [{"name": name, "in": "path", "required": True, "schema": _ID}]
+
+
+def _limit(most: int) -> JSONObject:
+    return {
+        "name": "limit",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "integer", "minimum": 1, "maximum": most},
+    }
+
+
+_CREATE_BATCH: JSONObject = {
+    "type": "object",
+    "required": ["input_file_id", "endpoint", "completion_window"],
+    "additionalProperties": False,
+    "properties": {
+        "input_file_id": {"type": "string", "minLength": 1},
+        "endpoint": {"enum": ["/v1/chat/completions", "/v1/embeddings"]},
+        "completion_window": {"const": "24h"},
+        "metadata": {
+            "anyOf": [
+                {"type": "object", "maxProperties": 16,
+                 "additionalProperties": {"type": "string", "maxLength": 512}, "propertyNames": {"maxLength": 64}},
+                {"type": "null"},
+            ]
+        },
+    },
+}  # fmt: skip
+
+
+def _batch_paths(bearer: list[JSONObject]) -> JSONObject:
+    return {
+        "/v1/files": {
+            "post": {
+                "operationId": "createFile",
+                "security": bearer,
+                "description": "Upload a batch input: JSONL of {custom_id, method, url, body} lines, each checked",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "multipart/form-data": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["file", "purpose"],
+                                "properties": {
+                                    "file": {"type": "string", "format": "binary"},
+                                    "purpose": {"const": "batch"},
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {"200": _json(_FILE, "The stored file"), **_errors(400, 401, 413)},
+            },
+            "get": {
+                "operationId": "listFiles",
+                "security": bearer,
+                "parameters": [
+                    {"name": "purpose", "in": "query", "required": False, "schema": {"type": "string"}},
+                    _limit(10_000),
+                ],
+                "responses": {"200": _json(_list_of(_FILE), "The tenant's files, newest first"), **_errors(400, 401)},
+            },
+        },
+        "/v1/files/{file_id}": {
+            "get": {
+                "operationId": "retrieveFile",
+                "security": bearer,
+                "parameters": _path_id("file_id"),
+                "responses": {"200": _json(_FILE, "The file"), **_errors(401, 404)},
+            },
+            "delete": {
+                "operationId": "deleteFile",
+                "security": bearer,
+                "parameters": _path_id("file_id"),
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["id", "object", "deleted"],
+                            "properties": {"object": {"const": "file"}, "deleted": {"const": True}},
+                        },
+                        "Deleted",
+                    ),
+                    **_errors(401, 404),
+                },
+            },
+        },
+        "/v1/files/{file_id}/content": {
+            "get": {
+                "operationId": "downloadFile",
+                "security": bearer,
+                "parameters": _path_id("file_id"),
+                "responses": {
+                    "200": {
+                        "description": "The file's bytes (JSONL)",
+                        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+                    },
+                    **_errors(401, 404),
+                },
+            }
+        },
+        "/v1/batches": {
+            "post": {
+                "operationId": "createBatch",
+                "security": bearer,
+                "requestBody": {"required": True, "content": {"application/json": {"schema": _CREATE_BATCH}}},
+                "responses": {"200": _json(_BATCH, "The batch, validating"), **_errors(400, 401, 404)},
+            },
+            "get": {
+                "operationId": "listBatches",
+                "security": bearer,
+                "parameters": [
+                    {"name": "after", "in": "query", "required": False, "schema": _ID},
+                    _limit(100),
+                ],
+                "responses": {
+                    "200": _json(_list_of(_BATCH), "The tenant's batches, newest first"),
+                    **_errors(400, 401, 404),
+                },
+            },
+        },
+        "/v1/batches/{batch_id}": {
+            "get": {
+                "operationId": "retrieveBatch",
+                "security": bearer,
+                "parameters": _path_id("batch_id"),
+                "responses": {"200": _json(_BATCH, "The batch"), **_errors(401, 404)},
+            }
+        },
+        "/v1/batches/{batch_id}/cancel": {
+            "post": {
+                "operationId": "cancelBatch",
+                "security": bearer,
+                "parameters": _path_id("batch_id"),
+                "responses": {"200": _json(_BATCH, "The batch, cancelling"), **_errors(401, 404, 409)},
+            }
+        },
+    }
+
+
 def _json(schema: JSONObject, description: str) -> JSONObject:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
@@ -381,6 +585,7 @@ def openapi_document() -> JSONObject:
                     "responses": {"200": _json(_STATS, "Entries and bytes per tier"), **_errors(401, 403)},
                 }
             },
+            **_batch_paths(bearer),
             "/health": {
                 "get": {
                     "operationId": "health",
