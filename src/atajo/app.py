@@ -52,6 +52,7 @@ from atajo.routing.table import WILDCARD, ModelTable
 from atajo.routing.tokens import TokenCounter
 from atajo.server.batches import BatchesApi
 from atajo.server.cache_admin import CacheAdmin
+from atajo.server.deferred_requests import QueuedRequests
 from atajo.server.edge import EdgeServer, Limits, Reply, Request
 from atajo.server.http import GatewayServer, Router
 from atajo.settings import Settings
@@ -582,6 +583,16 @@ def build_app(
             clock=wall_clock,
         )
         router.add(api.routes())
+        queued = QueuedRequests(
+            services.lane.store,
+            services.lane.collector,
+            services.keys.authenticate,
+            services.server.request_id,
+            services.table.has,
+            clock=wall_clock,
+        )
+        services.server.defer = queued.defer
+        router.add(queued.routes())
     return Gateway(services, router)
 
 

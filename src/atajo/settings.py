@@ -495,6 +495,14 @@ class BatchSettings(_Model):
     keep_files_s: PositiveFloat = Field(
         30 * 86_400.0, description="files (inputs and results) are deleted this long after they were created"
     )
+    collect_window_s: PositiveFloat = Field(
+        60.0,
+        description="requests sent with x-atajo-priority: batch are collected per tenant and key this long (from "
+        "the first) before they go as one batch",
+    )
+    collect_max: int = Field(
+        1000, ge=1, le=50_000, description="a collection of x-atajo-priority: batch requests goes at once when full"
+    )
 
 
 class Settings(_Model):
