@@ -74,7 +74,10 @@ PROVIDERS = {
 }
 
 
-BATCH_APIS = {"openai": "atajo.providers.openai_batch:OpenAIBatchApi"}
+BATCH_APIS = {
+    "openai": "atajo.providers.openai_batch:OpenAIBatchApi",
+    "anthropic": "atajo.providers.anthropic_batch:AnthropicBatchApi",
+}
 """Provider name → its Batch API adapter ("module:class"), for the deferred lane."""
 
 
