@@ -52,6 +52,7 @@ from atajo.routing.table import WILDCARD, ModelTable
 from atajo.routing.tokens import TokenCounter
 from atajo.server.batches import BatchesApi
 from atajo.server.cache_admin import CacheAdmin
+from atajo.server.deferred_requests import QueuedRequests
 from atajo.server.edge import EdgeServer, Limits, Reply, Request
 from atajo.server.http import GatewayServer, Router
 from atajo.settings import Settings
@@ -73,7 +74,10 @@ PROVIDERS = {
 }
 
 
-BATCH_APIS = {"openai": "atajo.providers.openai_batch:OpenAIBatchApi"}
+BATCH_APIS = {
+    "openai": "atajo.providers.openai_batch:OpenAIBatchApi",
+    "anthropic": "atajo.providers.anthropic_batch:AnthropicBatchApi",
+}
 """Provider name → its Batch API adapter ("module:class"), for the deferred lane."""
 
 
@@ -582,6 +586,16 @@ def build_app(
             clock=wall_clock,
         )
         router.add(api.routes())
+        queued = QueuedRequests(
+            services.lane.store,
+            services.lane.collector,
+            services.keys.authenticate,
+            services.server.request_id,
+            services.table.has,
+            clock=wall_clock,
+        )
+        services.server.defer = queued.defer
+        router.add(queued.routes())
     return Gateway(services, router)
 
 

@@ -167,8 +167,8 @@ class DeploymentSettings(_Model):
     stream_usage: bool = Field(True, description="ask the upstream for a usage chunk on every stream")
     batch_api: bool | None = Field(
         None,
-        description="send deferred (batch) requests through the upstream's Batch API (/files + /batches); "
-        "default: only for OpenAI's own API (https://api.openai.com)",
+        description="send deferred (batch) requests through the upstream's Batch API (OpenAI's /files + "
+        "/batches, Anthropic's /messages/batches); default: only for OpenAI's and Anthropic's own APIs",
     )
     simulated: SimulatedSettings = Field(default_factory=SimulatedSettings)
 
@@ -181,9 +181,10 @@ class DeploymentSettings(_Model):
 
     @model_validator(mode="after")
     def _batch_api_supported(self) -> DeploymentSettings:
-        if self.batch_api and self.provider != "openai":
+        if self.batch_api and self.provider not in ("openai", "anthropic"):
             raise ValueError(
-                f"batch_api: only OpenAI-compatible Batch APIs are supported, not the {self.provider} provider's"
+                "batch_api: only OpenAI-compatible Batch APIs and Anthropic's Message Batches are supported, not "
+                f"the {self.provider} provider's"
             )
         return self
 
@@ -494,6 +495,14 @@ class BatchSettings(_Model):
     )
     keep_files_s: PositiveFloat = Field(
         30 * 86_400.0, description="files (inputs and results) are deleted this long after they were created"
+    )
+    collect_window_s: PositiveFloat = Field(
+        60.0,
+        description="requests sent with x-atajo-priority: batch are collected per tenant and key this long (from "
+        "the first) before they go as one batch",
+    )
+    collect_max: int = Field(
+        1000, ge=1, le=50_000, description="a collection of x-atajo-priority: batch requests goes at once when full"
     )
 
 

@@ -11,10 +11,11 @@ from atajo.errors import ConfigError
 from atajo.settings import DeploymentSettings, PoolSettings, load_settings
 
 
-def test_batch_api_only_for_openai_compatible_deployments() -> None:
-    env = {"ATAJO_MODELS__C__DEPLOYMENTS": '[{"provider": "anthropic", "batch_api": true}]'}
+def test_batch_api_only_for_openai_compatible_and_anthropic_deployments() -> None:
+    env = {"ATAJO_MODELS__C__DEPLOYMENTS": '[{"provider": "simulated", "batch_api": true}]'}
     with pytest.raises(ConfigError, match=r"models\.c\.deployments\.0.*batch_api: only OpenAI-compatible"):
         load_settings(None, env)
+    load_settings(None, {"ATAJO_MODELS__C__DEPLOYMENTS": '[{"provider": "anthropic", "batch_api": true}]'})
 
 
 def test_bad_batch_settings_are_named() -> None:
@@ -24,7 +25,7 @@ def test_bad_batch_settings_are_named() -> None:
         load_settings(None, {"ATAJO_BATCHES__CONCURRENCY": "0"})
 
 
-def test_batch_api_default_is_openai_itself_only() -> None:
+def test_batch_api_default_is_openai_and_anthropic_themselves_only() -> None:
     pool = PoolSettings()
 
     def uses(**kw: object) -> bool:
@@ -33,7 +34,10 @@ def test_batch_api_default_is_openai_itself_only() -> None:
     assert uses(provider="openai")
     assert not uses(provider="openai", base_url="http://127.0.0.1:8000/v1")  # vLLM, Ollama…: no Batch API
     assert uses(provider="openai", base_url="http://127.0.0.1:8000/v1", batch_api=True)
-    assert not uses(provider="anthropic") and not uses(provider="simulated")
+    assert uses(provider="anthropic")  # Message Batches
+    assert not uses(provider="anthropic", base_url="http://127.0.0.1:9000/v1")  # a proxy: may have none
+    assert uses(provider="anthropic", base_url="http://127.0.0.1:9000/v1", batch_api=True)
+    assert not uses(provider="simulated")
 
 
 def test_batch_prices() -> None:

@@ -25,7 +25,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     yield s
     if s.postgres:
         async with (await s._open()).session() as session:
-            for table in ("files", "batches", "items", "groups"):
+            for table in ("files", "batches", "items", "groups", "requests"):
                 await session.execute(f"DROP TABLE IF EXISTS {s.p}{table}")
     await s.close()
 
@@ -93,3 +93,39 @@ async def test_an_unreachable_database_is_503() -> None:
     s = BatchStore("sqlite:////proc/no/such/dir/b.db")
     with pytest.raises(ServiceUnavailable, match="batch store is unavailable"):
         await s.start()
+
+
+async def test_queued_requests_are_sealed_once_and_read_per_tenant(store: BatchStore) -> None:
+    from atajo.batches.store import Queued
+
+    def queued(i: int, tenant: str = "t") -> Queued:
+        return Queued(f"batchreq_{tenant}{i}", tenant, "k", "/v1/embeddings", "m", {"model": "m", "input": str(i)},
+                      100.0 + i)  # fmt: skip
+
+    assert [await store.queue_request(queued(i)) for i in range(3)] == [1, 2, 3]
+    assert await store.queue_request(queued(0, "u")) == 1  # another tenant: another collection
+    found = {(c.tenant, c.count, c.oldest) for c in await store.collections()}
+    assert found == {("t", 3, 100.0), ("u", 1, 100.0)}
+
+    def make(rows: list[Queued]) -> tuple[dict[str, object], StoredFile, bytes]:
+        content = b"".join(q.id.encode() + b"\n" for q in rows)
+        f = StoredFile(f"file-{rows[0].id}", rows[0].tenant, "batch", "in.jsonl", len(content), 1.0, None)
+        return batch(f"batch_{rows[0].id}"), f, content
+
+    assert await store.seal("t", "k", "/v1/embeddings", 2, make) == "batch_batchreq_t0"  # the two oldest
+    assert [(i.custom_id, i.body["input"]) for i in await store.items("batch_batchreq_t0")] == [
+        ("batchreq_t0", "0"),
+        ("batchreq_t1", "1"),
+    ]
+    assert await store.file_content("t", "file-batchreq_t0") == b"batchreq_t0\nbatchreq_t1\n"
+    assert {(c.tenant, c.count) for c in await store.collections()} == {("t", 1), ("u", 1)}
+
+    state = await store.queued("t", "batchreq_t1")
+    assert state is not None and state.request.batch_id == "batch_batchreq_t0" and state.request.idx == 1
+    assert state.batch_status == "validating" and state.item is not None and state.item.state == "pending"
+    waiting = await store.queued("t", "batchreq_t2")
+    assert waiting is not None and waiting.request.batch_id is None and waiting.item is None
+    assert await store.queued("u", "batchreq_t1") is None  # another tenant's
+
+    assert await store.seal("t", "k", "/v1/embeddings", 5, make) == "batch_batchreq_t2"
+    assert await store.seal("t", "k", "/v1/embeddings", 5, make) is None  # nothing left to seal

@@ -309,17 +309,6 @@ def test_cancel(gateway: GatewayFactory, batch_upstream: tuple[BatchUpstream, Li
     assert c.batches.cancel(batch.id).status == "cancelled"  # cancelling again changes nothing
 
 
-def test_priority_batch_header_points_at_the_batch_api(gateway: GatewayFactory) -> None:
-    c = client(gateway())
-    with pytest.raises(openai.BadRequestError) as err:
-        c.chat.completions.create(
-            model="gpt-4o-mini",
-            messages=[{"role": "user", "content": "later"}],
-            extra_headers={"x-atajo-priority": "batch"},
-        )
-    assert err.value.code == "use_batches_api" and "/v1/batches" in err.value.message
-
-
 def test_oversized_file_is_413(gateway: GatewayFactory) -> None:
     c = client(gateway({"batches": {"max_file_bytes": 2048}}))
     lines = [chat_line(f"q{i}", "gpt-4o-mini", "x" * 100) for i in range(40)]

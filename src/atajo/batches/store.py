@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -47,6 +47,11 @@ def _schema(p: str, blob: str, serial: str) -> list[str]:
         " input_tokens BIGINT, output_tokens BIGINT, PRIMARY KEY (batch_id, idx))",
         f"CREATE TABLE IF NOT EXISTS {p}groups (batch_id TEXT NOT NULL, grp TEXT NOT NULL,"
         " deployment TEXT NOT NULL, upstream_id TEXT, status TEXT NOT NULL, PRIMARY KEY (batch_id, grp))",
+        f"CREATE TABLE IF NOT EXISTS {p}requests (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, key_name TEXT NOT NULL,"
+        " endpoint TEXT NOT NULL, model TEXT NOT NULL, body TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL,"
+        " batch_id TEXT, idx INTEGER)",
+        f"CREATE INDEX IF NOT EXISTS {p}requests_queued ON {p}requests (tenant, key_name, endpoint, created_at)"
+        " WHERE batch_id IS NULL",
     ]
 
 
@@ -88,6 +93,47 @@ class Group:
     deployment: str
     upstream_id: str | None
     status: str
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """A request sent with ``x-atajo-priority: batch``, waiting in its collection (``batch_id`` None) or in
+    the internal batch it became (its line ``idx`` there)."""
+
+    id: str
+    tenant: str
+    key_name: str
+    endpoint: str
+    model: str
+    body: JSONObject
+    created_at: float
+    batch_id: str | None = None
+    idx: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Collection:
+    """The queued requests of one (tenant, key, endpoint) not yet in a batch: how many, since when."""
+
+    tenant: str
+    key_name: str
+    endpoint: str
+    count: int
+    oldest: float
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedState:
+    """A queued request as its owner reads it: the request, and once in a batch, the batch's status and the
+    request's item (``None`` until it is)."""
+
+    request: Queued
+    batch_status: str | None
+    item: Item | None
+
+
+MakeBatch = Callable[[list[Queued]], tuple[JSONObject, StoredFile, bytes]]
+"""The queued requests sealed into a batch → the batch object, its input file and the file's content."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,6 +429,106 @@ class BatchStore:
             group.upstream_id,
             group.status,
         )
+
+    # --- requests queued with x-atajo-priority: batch ----------------------------------------------
+
+    async def queue_request(self, request: Queued) -> int:
+        """Store a queued request; how many requests its collection now holds (1: a window opens)."""
+        r = request
+        async with (await self._open()).transaction() as tx:
+            await tx.execute(
+                self.sql(
+                    f"INSERT INTO {self.p}requests (id, tenant, key_name, endpoint, model, body, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+                ),
+                r.id, r.tenant, r.key_name, r.endpoint, r.model, orjson.dumps(r.body).decode(), r.created_at,
+            )  # fmt: skip
+            rows = await tx.fetch(
+                self.sql(
+                    f"SELECT count(*) FROM {self.p}requests WHERE tenant = ? AND key_name = ? AND endpoint = ?"
+                    " AND batch_id IS NULL"
+                ),
+                r.tenant,
+                r.key_name,
+                r.endpoint,
+            )
+        return int(rows[0][0])
+
+    async def collections(self) -> list[Collection]:
+        """Every collection of queued requests not yet in a batch."""
+        rows = await self._fetch(
+            f"SELECT tenant, key_name, endpoint, count(*), min(created_at) FROM {self.p}requests"
+            " WHERE batch_id IS NULL GROUP BY tenant, key_name, endpoint"
+        )
+        return [Collection(str(r[0]), str(r[1]), str(r[2]), int(r[3]), float(r[4])) for r in rows]
+
+    async def seal(self, tenant: str, key_name: str, endpoint: str, limit: int, make: MakeBatch) -> str | None:
+        """Turn up to ``limit`` of a collection's queued requests (oldest first) into one batch, its input
+        file and items, in one transaction: the id of the batch, or None when none was left (another
+        instance sealed them)."""
+        lock = " FOR UPDATE SKIP LOCKED" if self.postgres else ""
+        async with (await self._open()).transaction() as tx:
+            rows = await tx.fetch(
+                self.sql(
+                    f"SELECT {self._QUEUED_COLUMNS} FROM {self.p}requests WHERE tenant = ? AND key_name = ?"
+                    f" AND endpoint = ? AND batch_id IS NULL ORDER BY created_at, id LIMIT ?{lock}"
+                ),
+                tenant,
+                key_name,
+                endpoint,
+                limit,
+            )
+            if not rows:
+                return None
+            queued = [_queued(row) for row in rows]
+            batch, f, content = make(queued)
+            await tx.execute(
+                self.sql(
+                    f"INSERT INTO {self.p}files (id, tenant, purpose, filename, bytes, created_at, expires_at,"
+                    " content) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                ),
+                f.id, f.tenant, f.purpose, f.filename, f.bytes, f.created_at, f.expires_at, content,
+            )  # fmt: skip
+            await tx.execute(
+                self.sql(f"INSERT INTO {self.p}batches (id, tenant, status, data) VALUES (?, ?, ?, ?)"),
+                batch["id"], tenant, batch["status"], orjson.dumps(batch).decode(),
+            )  # fmt: skip
+            insert = self.sql(
+                f"INSERT INTO {self.p}items (batch_id, idx, custom_id, model, body, state) VALUES (?, ?, ?, ?, ?, ?)"
+            )
+            mark = self.sql(f"UPDATE {self.p}requests SET batch_id = ?, idx = ? WHERE id = ?")
+            for idx, q in enumerate(queued):
+                await tx.execute(insert, batch["id"], idx, q.id, q.model, orjson.dumps(q.body).decode(), "pending")
+                await tx.execute(mark, batch["id"], idx, q.id)
+        return str(batch["id"])
+
+    _QUEUED_COLUMNS = "id, tenant, key_name, endpoint, model, body, created_at, batch_id, idx"
+
+    async def queued(self, tenant: str, request_id: str) -> QueuedState | None:
+        """A queued request of ``tenant`` (another tenant's is None), with its batch's status and its item."""
+        q = ", ".join(f"r.{c.strip()}" for c in self._QUEUED_COLUMNS.split(","))
+        i = ", ".join(f"i.{c.strip()}" for c in self._ITEM_COLUMNS.split(","))
+        rows = await self._fetch(
+            f"SELECT {q}, b.status, {i} FROM {self.p}requests r"
+            f" LEFT JOIN {self.p}batches b ON b.id = r.batch_id"
+            f" LEFT JOIN {self.p}items i ON i.batch_id = r.batch_id AND i.idx = r.idx"
+            " WHERE r.id = ? AND r.tenant = ?",
+            request_id,
+            tenant,
+        )
+        if not rows:
+            return None
+        row = tuple(rows[0])
+        width = len(self._QUEUED_COLUMNS.split(","))
+        item = _item(row[width + 1 :]) if row[width + 1] is not None else None
+        return QueuedState(_queued(row[:width]), None if row[width] is None else str(row[width]), item)
+
+
+def _queued(row: Sequence[Any]) -> Queued:
+    return Queued(
+        str(row[0]), str(row[1]), str(row[2]), str(row[3]), str(row[4]), _json(row[5]), float(row[6]),
+        None if row[7] is None else str(row[7]), None if row[8] is None else int(row[8]),
+    )  # fmt: skip
 
 
 def _file(row: Sequence[Any]) -> StoredFile:

@@ -2,7 +2,7 @@
 deferred request cost.
 
 The worker (``stages/deferred.py``) speaks these types; each provider's Batch API wire format stays in its
-adapter (``providers/openai_batch.py``).
+adapter (``providers/openai_batch.py``, ``providers/anthropic_batch.py``).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ class Deployment:
     stream_usage: bool
     simulated: SimulatedSettings
     batch_api: bool = False
-    """Deferred requests go through this upstream's Batch API (``/files`` + ``/batches``)."""
+    """Deferred requests go through this upstream's Batch API (OpenAI's or Anthropic's Message Batches)."""
 
     def model_for(self, requested: str) -> str:
         return self.upstream_model or requested
@@ -51,8 +51,10 @@ class Deployment:
 
 
 def _batch_api(d: DeploymentSettings) -> bool:
-    """Explicit, else only OpenAI's own API: most OpenAI-compatible servers (vLLM, Ollama…) have no Batch API,
-    and Anthropic's Message Batches are not supported yet."""
+    """Explicit, else only OpenAI's and Anthropic's own APIs: most OpenAI-compatible servers (vLLM, Ollama…)
+    have no Batch API, nor have proxies in front of Anthropic's."""
     if d.batch_api is not None:
         return d.batch_api
-    return d.provider == "openai" and (d.base_url or DEFAULT_BASE_URLS["openai"]) == DEFAULT_BASE_URLS["openai"]
+    if d.provider not in ("openai", "anthropic"):
+        return False
+    return (d.base_url or DEFAULT_BASE_URLS[d.provider]) == DEFAULT_BASE_URLS[d.provider]

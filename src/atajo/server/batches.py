@@ -24,6 +24,7 @@ from atajo.server.parse import decode, parse_chat, parse_embeddings
 from atajo.server.respond import error_response, json_response
 from atajo.settings import BatchSettings
 from atajo.stages.deferred import DeferredLane, new_id, usage_of
+from atajo.stages.deferred_collect import new_batch
 from atajo.types import JSONObject
 
 Authenticate = Callable[[Mapping[str, str]], Awaitable[Principal]]
@@ -266,30 +267,17 @@ class BatchesApi:
                     f"Line {line.number}: the model `{line.model}` does not exist or you do not have access to it.",
                     param="input_file_id",
                 )
-        now = self.clock()
-        batch: JSONObject = {
-            "id": new_id("batch_"),
-            "object": "batch",
-            "endpoint": endpoint,
-            "errors": None,
-            "input_file_id": file_id,
-            "completion_window": "24h",
-            "status": "validating",
-            "output_file_id": None,
-            "error_file_id": None,
-            "created_at": int(now),
-            "in_progress_at": None,
-            "expires_at": int(now + self.settings.expire_after_s),
-            "finalizing_at": None,
-            "completed_at": None,
-            "failed_at": None,
-            "expired_at": None,
-            "cancelling_at": None,
-            "cancelled_at": None,
-            "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
-            "metadata": metadata,
-            "_atajo": {"tenant": principal.tenant, "key": principal.key_name},
-        }
+        batch = new_batch(
+            new_id("batch_"),
+            endpoint,
+            file_id,
+            len(lines),
+            self.clock(),
+            self.settings,
+            tenant=principal.tenant,
+            key_name=principal.key_name,
+            metadata=metadata,
+        )
         items = [Item(i, line.custom_id, line.model, line.body) for i, line in enumerate(lines)]
         await self.store.create_batch(principal.tenant, batch, items)
         self.lane.wake()

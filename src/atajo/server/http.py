@@ -42,6 +42,8 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 ReadyCheck = Callable[[], Awaitable[tuple[bool, str]]]
 Handle = Callable[[HttpRequest], Awaitable[Reply]]
 Route = tuple[str, str, Handle]
+Defer = Callable[[Principal, str, Request, RequestContext], Awaitable[Response]]
+"""Queue a checked request for the deferred lane (``x-atajo-priority: batch``): its 202 answer."""
 
 
 class RequestIds:
@@ -82,6 +84,8 @@ class GatewayServer:
         self.accepting = False
         self.request_id = RequestIds()
         self._openapi: bytes | None = None
+        self.defer: Defer | None = None
+        """Set when the deferred lane is on (``server/deferred_requests.py``)."""
 
     def routes(self) -> list[Route]:
         """(method, path, handler); a path ending in ``/`` is a prefix whose rest is one path segment."""
@@ -112,14 +116,18 @@ class GatewayServer:
         status, code = 200, ""
         try:
             ctx.principal = await self.authenticate(request.headers)
-            if request.headers.get("x-atajo-priority", "").strip().lower() == "batch":
-                raise InvalidRequest(
-                    "x-atajo-priority: batch is not taken on this endpoint: send deferred requests through the "
-                    "Batch API (POST /v1/files with purpose=batch, then POST /v1/batches), which answers at the "
-                    "providers' batch prices.",
-                    code="use_batches_api",
-                )
             core = parse(decode(await self._body(request)))
+            if request.headers.get("x-atajo-priority", "").strip().lower() == "batch":
+                if self.defer is None:
+                    raise InvalidRequest(
+                        "x-atajo-priority: batch is not taken: the deferred lane is off on this gateway "
+                        "(batches.enabled).",
+                        code="batches_disabled",
+                    )
+                deferred = await self.defer(ctx.principal, route, core, ctx)
+                status = deferred.status
+                self._record_overhead(ctx)
+                return deferred
             result = await self.pipeline(core, ctx)
             if isinstance(result, Completion):
                 resp: Reply = json_response(result.raw or result.body, ctx)

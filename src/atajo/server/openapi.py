@@ -457,6 +457,66 @@ def _batch_paths(bearer: list[JSONObject]) -> JSONObject:
     }
 
 
+_QUEUED_STATUS = ["queued", "in_progress", "completed", "failed", "expired", "cancelled"]
+_QUEUED: JSONObject = {
+    "type": "object",
+    "required": ["id", "object", "endpoint", "model", "status", "batch_id", "created_at", "response", "error"],
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"const": "batch.request"},
+        "endpoint": {"enum": ["/v1/chat/completions", "/v1/embeddings"]},
+        "model": {"type": "string"},
+        "status": {"enum": _QUEUED_STATUS},
+        "batch_id": {"type": ["string", "null"], "description": "the internal batch it went into, once sealed"},
+        "created_at": {"type": "integer"},
+        "response": {
+            "description": "once answered: as a batch output line's response",
+            "anyOf": [
+                {
+                    "type": "object",
+                    "required": ["status_code", "body"],
+                    "properties": {"status_code": {"type": "integer"}, "request_id": {"type": "string"}},
+                },
+                {"type": "null"},
+            ],
+        },
+        "error": {
+            "description": "when it got no answer (code batch_cancelled, batch_expired, …)",
+            "anyOf": [{"type": "object", "required": ["code", "message"]}, {"type": "null"}],
+        },
+    },
+}
+_PRIORITY: JSONObject = {
+    "name": "x-atajo-priority",
+    "in": "header",
+    "required": False,
+    "description": "batch: queue the request for the providers' Batch APIs and answer 202 with a handle to poll "
+    "at GET /v1/batches/requests/{request_id} (stream is refused); other values are ignored",
+    "schema": {"type": "string"},
+}
+_ACCEPTED: JSONObject = {
+    "description": "Queued (x-atajo-priority: batch): a handle; Location is where to poll it",
+    "headers": {"location": {"schema": {"type": "string"}}},
+    "content": {"application/json": {"schema": _QUEUED}},
+}
+
+
+def _queued_paths(bearer: list[JSONObject]) -> JSONObject:
+    return {
+        "/v1/batches/requests/{request_id}": {
+            "get": {
+                "operationId": "retrieveQueuedRequest",
+                "security": bearer,
+                "parameters": _path_id("request_id"),
+                "responses": {
+                    "200": _json(_QUEUED, "The queued request, and its answer once it has one"),
+                    **_errors(401, 404),
+                },
+            }
+        }
+    }
+
+
 def _json(schema: JSONObject, description: str) -> JSONObject:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
@@ -496,6 +556,7 @@ def openapi_document() -> JSONObject:
                 "post": {
                     "operationId": "createChatCompletion",
                     "security": bearer,
+                    "parameters": [_PRIORITY],
                     "requestBody": {
                         "required": True,
                         "content": {"application/json": {"schema": _nullable_optionals(_CHAT_REQUEST)}},
@@ -508,6 +569,7 @@ def openapi_document() -> JSONObject:
                                 "text/event-stream": {"schema": _SSE_EVENT},
                             },
                         },
+                        "202": _ACCEPTED,
                         **_errors(*_MODEL_ERRORS),
                     },
                 }
@@ -516,11 +578,16 @@ def openapi_document() -> JSONObject:
                 "post": {
                     "operationId": "createEmbedding",
                     "security": bearer,
+                    "parameters": [_PRIORITY],
                     "requestBody": {
                         "required": True,
                         "content": {"application/json": {"schema": _nullable_optionals(_EMBEDDINGS_REQUEST)}},
                     },
-                    "responses": {"200": _json(_EMBEDDINGS, "Embeddings"), **_errors(*_MODEL_ERRORS)},
+                    "responses": {
+                        "200": _json(_EMBEDDINGS, "Embeddings"),
+                        "202": _ACCEPTED,
+                        **_errors(*_MODEL_ERRORS),
+                    },
                 }
             },
             "/v1/models": {
@@ -586,6 +653,7 @@ def openapi_document() -> JSONObject:
                 }
             },
             **_batch_paths(bearer),
+            **_queued_paths(bearer),
             "/health": {
                 "get": {
                     "operationId": "health",

@@ -65,7 +65,7 @@ def _check_int(body: JSONObject, name: str, low: int, high: int | None = None) -
     value = body.get(name)
     if value is None:
         return
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+    if isinstance(value, float) and value.is_integer() and abs(value) <= SAFE_INT:
         value = body[name] = int(value)  # JSON has one number type: 4.0 is the integer 4
     if not isinstance(value, int) or isinstance(value, bool):
         raise _bad(name, "an integer", value)

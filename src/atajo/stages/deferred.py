@@ -37,6 +37,7 @@ from atajo.core.results import Completion, Usage
 from atajo.errors import AtajoError, UpstreamError
 from atajo.routing.table import ModelTable
 from atajo.settings import BatchSettings
+from atajo.stages.deferred_collect import Collector
 from atajo.types import JSONObject
 
 log = logging.getLogger("atajo.batches")
@@ -78,6 +79,8 @@ class DeferredLane:
         self._task: asyncio.Task[None] | None = None
         self._local: dict[str, asyncio.Task[None]] = {}
         self._deployments = {d.id: d for d in table.all_deployments()}
+        self.collector = Collector(store, settings, new_id, self.wake, clock=clock)
+        """Requests sent with ``x-atajo-priority: batch``, sealed into batches this worker runs."""
         self.passes = 0
         self.failures = 0
 
@@ -86,8 +89,10 @@ class DeferredLane:
     async def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="atajo-deferred-lane")
+        await self.collector.start()
 
     async def close(self) -> None:
+        await self.collector.close()
         tasks = [t for t in (self._task, *self._local.values()) if t is not None]
         self._task = None
         self._local.clear()
