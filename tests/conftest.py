@@ -48,6 +48,8 @@ def gateway() -> Iterator[GatewayFactory]:
         config = dict(config or {})
         config.setdefault("models", default_models({}))  # as with no config and no provider key: simulated
         config.setdefault("cache", {"enabled": False})
+        if "auth" in config:  # a master key opens the key store: a private one per gateway unless one is named
+            config["auth"] = {"store": "sqlite://:memory:", **config["auth"]}
         settings = Settings.model_validate(config)
         kwargs: dict[str, Any] = {"sleep": _no_sleep} if instant_backoff else {}
         kwargs.update(app_kwargs)

@@ -24,6 +24,8 @@ from typing import Any
 from prometheus_client.core import Metric
 
 from atajo.auth.keys import KeyRing
+from atajo.auth.store import KeyStore
+from atajo.auth.virtual import VirtualKeys
 from atajo.cache.service import CacheService
 from atajo.coalesce.singleflight import SingleFlight
 from atajo.core.catalog import Catalog
@@ -41,6 +43,7 @@ from atajo.routing.table import ModelTable
 from atajo.server.cache_admin import CacheAdmin
 from atajo.server.edge import EdgeServer, Limits, Reply, Request
 from atajo.server.http import GatewayServer, Router
+from atajo.server.keys_admin import KeysAdmin
 from atajo.settings import Settings
 from atajo.stages.cache import CacheStage
 from atajo.stages.coalesce import CoalesceStage, SharedOutcome
@@ -68,6 +71,7 @@ class Services:
     catalog: Catalog
     server: GatewayServer
     cache: CacheService | None
+    virtual_keys: VirtualKeys | None = None
 
 
 def build_table(settings: Settings) -> ModelTable:
@@ -103,7 +107,17 @@ def build_services(
     table = build_table(settings)
     metrics.set_model_names(table.names())
     breakers = BreakerBoard(settings.breaker, clock)
-    keys = KeyRing(settings.auth)
+    virtual_keys: VirtualKeys | None = None
+    store_url = settings.key_store_url
+    if store_url is not None:
+        virtual_keys = VirtualKeys(
+            KeyStore(store_url, clock=wall_clock),
+            lookup_ttl_s=settings.auth.lookup_ttl_s,
+            poll_s=settings.auth.store_poll_s,
+            tenant_limits=settings.limits.tenants,
+            clock=clock,
+        )
+    keys = KeyRing(settings.auth, virtual_keys, settings.limits.tenants)
     providers = build_providers((d.provider for d in table.all_deployments()), pool, catalog, sleep)
     upstream = UpstreamStage(table, providers, breakers, RetryPolicy.from_settings(settings.retry), metrics, sleep)
     stages: list[Stage] = [ObserveStage(metrics, catalog)]
@@ -164,7 +178,7 @@ def build_services(
     if cache is not None:
         metrics.add_collector(partial(cache_metrics, cache))
     metrics.add_collector(partial(flight_metrics, flight))
-    return Services(settings, metrics, pool, table, breakers, keys, catalog, server, cache)
+    return Services(settings, metrics, pool, table, breakers, keys, catalog, server, cache, virtual_keys)
 
 
 def flight_metrics(flight: SingleFlight[SharedOutcome]) -> Iterable[Metric]:
@@ -230,6 +244,8 @@ class Gateway:
 
     async def start(self) -> None:
         await self.services.pool.start()
+        if self.services.virtual_keys is not None:
+            await self.services.virtual_keys.start()
         if self.services.cache is not None:
             await self.services.cache.start()
         self.services.server.accepting = True
@@ -241,6 +257,8 @@ class Gateway:
     async def close(self) -> None:
         if self.services.cache is not None:
             await self.services.cache.close()
+        if self.services.virtual_keys is not None:
+            await self.services.virtual_keys.close()
         await self.services.pool.close()
 
     async def serve(
@@ -284,6 +302,8 @@ def build_app(
     router = Router(services.server.routes())
     if services.cache is not None:
         router.add(CacheAdmin(services.cache, services.keys.authenticate, services.server.request_id).routes())
+    if services.virtual_keys is not None:
+        router.add(KeysAdmin(services.virtual_keys, services.keys.authenticate, services.server.request_id).routes())
     return Gateway(services, router)
 
 

@@ -1,4 +1,5 @@
-"""``atajo serve``, ``atajo config check``, ``atajo cache ...``, ``atajo --version``."""
+"""``atajo serve``, ``atajo config check``, ``atajo cache ...``, ``atajo keys ...``, ``atajo tenants ...``,
+``atajo --version``."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import click
 
 from atajo import __version__
 from atajo.cli.cache import cache
+from atajo.cli.keys import keys, tenants
 from atajo.cli.semantic import calibrate, eval_semantic
 from atajo.errors import ConfigError
 from atajo.settings import Settings, load_settings
@@ -200,6 +202,8 @@ def _setup_logging(level: str) -> None:
 
 
 cli.add_command(cache)
+cli.add_command(keys)
+cli.add_command(tenants)
 cache.add_command(calibrate)
 
 

@@ -218,14 +218,17 @@ class Router:
 
     def __init__(self, routes: Iterable[Route] = ()) -> None:
         self._exact: dict[tuple[str, str], Handle] = {}
-        self._prefixes: list[tuple[str, str, Handle]] = []
+        self._prefixes: list[tuple[str, str, Handle, bool]] = []
         self._methods: dict[str, set[str]] = {}
         self.add(routes)
 
     def add(self, routes: Iterable[Route]) -> None:
+        """A path ending in ``/`` is a prefix whose rest is one segment; ending in ``/*``, two or more."""
         for method, path, handle in routes:
-            if path.endswith("/"):
-                self._prefixes.append((method, path, handle))
+            if path.endswith("/*"):
+                self._prefixes.append((method, path[:-1], handle, True))
+            elif path.endswith("/"):
+                self._prefixes.append((method, path, handle, False))
             else:
                 self._exact[method, path] = handle
             methods = self._methods.setdefault(path, set())
@@ -240,13 +243,15 @@ class Router:
             return handle, path
         if path in self._methods:
             return None, path
-        for route_method, prefix, prefix_handle in self._prefixes:
+        matched = ""
+        for route_method, prefix, prefix_handle, deep in self._prefixes:
             rest = path[len(prefix) :]
-            if path.startswith(prefix) and rest and "/" not in rest:
+            if path.startswith(prefix) and rest and deep == ("/" in rest):
+                pattern = prefix + "*" if deep else prefix
                 if route_method == method or (method == "HEAD" and route_method == "GET"):
-                    return prefix_handle, prefix
-                return None, prefix
-        return None, ""
+                    return prefix_handle, pattern
+                matched = matched or pattern
+        return None, matched
 
     async def dispatch(self, request: HttpRequest) -> Reply:
         handle, pattern = self._find(request.method, request.path)
