@@ -2,7 +2,7 @@
 
 The pipeline's order is declared here, once:
 
-    observe → cache → coalesce → upstream          (guard, ratelimit and route join as they land)
+    observe → ratelimit → cache → coalesce → upstream          (guard and route join as they land)
 
 Authentication runs before the pipeline, at the HTTP edge (see ``atajo.auth``).
 """
@@ -33,7 +33,11 @@ from atajo.core.context import RequestContext
 from atajo.core.deployments import Deployment
 from atajo.core.pipeline import Stage, build_pipeline
 from atajo.core.requests import EmbeddingsRequest
+from atajo.core.requests import Request as CoreRequest
 from atajo.core.results import Completion
+from atajo.limits.estimate import estimate_tokens
+from atajo.limits.gcra import MemoryStorage, Storage
+from atajo.limits.limiter import Limiter
 from atajo.observe.metrics import GatewayMetrics, counter_family, gauge_family
 from atajo.providers.base import Provider
 from atajo.providers.pool import HttpPool
@@ -48,6 +52,7 @@ from atajo.settings import Settings
 from atajo.stages.cache import CacheStage
 from atajo.stages.coalesce import CoalesceStage, SharedOutcome
 from atajo.stages.observe import ObserveStage
+from atajo.stages.ratelimit import RateLimitStage
 from atajo.stages.upstream import Sleep, UpstreamStage
 
 log = logging.getLogger("atajo")
@@ -72,6 +77,17 @@ class Services:
     server: GatewayServer
     cache: CacheService | None
     virtual_keys: VirtualKeys | None = None
+    limiter: Limiter | None = None
+
+
+def build_storage(settings: Settings, clock: Callable[[], float]) -> Storage:
+    """Where rate-limit state lives, by ``limits.storage``'s scheme; Redis is imported only when used."""
+    limits = settings.limits
+    if limits.storage.startswith("memory:"):
+        return MemoryStorage(clock)
+    from atajo.limits.redis import RedisStorage
+
+    return RedisStorage(limits.storage, timeout_s=limits.timeout_s, max_connections=limits.redis_max_connections)
 
 
 def build_table(settings: Settings) -> ModelTable:
@@ -121,6 +137,11 @@ def build_services(
     providers = build_providers((d.provider for d in table.all_deployments()), pool, catalog, sleep)
     upstream = UpstreamStage(table, providers, breakers, RetryPolicy.from_settings(settings.retry), metrics, sleep)
     stages: list[Stage] = [ObserveStage(metrics, catalog)]
+    limiter: Limiter | None = None
+    if settings.limits.enabled:
+        limiter = Limiter(settings.limits, build_storage(settings, clock), clock=clock)
+        output = settings.limits.output_tokens
+        stages.append(RateLimitStage(limiter, partial(_estimate, output=output)))
     cache: CacheService | None = None
     # Single-flight groups requests by the cache key, so it joins when the cache is on.
     flight: SingleFlight[SharedOutcome] = SingleFlight()
@@ -178,7 +199,30 @@ def build_services(
     if cache is not None:
         metrics.add_collector(partial(cache_metrics, cache))
     metrics.add_collector(partial(flight_metrics, flight))
-    return Services(settings, metrics, pool, table, breakers, keys, catalog, server, cache, virtual_keys)
+    if limiter is not None:
+        metrics.add_collector(partial(limiter_metrics, limiter))
+    return Services(settings, metrics, pool, table, breakers, keys, catalog, server, cache, virtual_keys, limiter)
+
+
+def _estimate(request: CoreRequest, *, output: int) -> int:
+    """Tokens reserved for a request (swap in an exact tokenizer here)."""
+    return estimate_tokens(request, output)
+
+
+def limiter_metrics(limiter: Limiter) -> Iterable[Metric]:
+    yield counter_family(
+        "atajo_ratelimit_decisions",
+        "Admission decisions: allowed, rejected or shadow_rejected (by the scope that refused: key, tenant, model, "
+        "gateway)",
+        ["scope", "outcome"],
+        [([scope, outcome], n) for (scope, outcome), n in limiter.decisions.items()],
+    )
+    yield counter_family(
+        "atajo_ratelimit_storage_errors",
+        "Rate-limit storage calls that failed or timed out (the request was admitted)",
+        [],
+        [([], limiter.storage_errors)],
+    )
 
 
 def flight_metrics(flight: SingleFlight[SharedOutcome]) -> Iterable[Metric]:
@@ -259,6 +303,8 @@ class Gateway:
             await self.services.cache.close()
         if self.services.virtual_keys is not None:
             await self.services.virtual_keys.close()
+        if self.services.limiter is not None:
+            await self.services.limiter.storage.close()
         await self.services.pool.close()
 
     async def serve(
