@@ -24,17 +24,18 @@ from typing import Any
 from prometheus_client.core import Metric
 
 from atajo.auth.keys import KeyRing
-from atajo.auth.store import KeyStore
-from atajo.auth.virtual import VirtualKeys
+from atajo.auth.store import KeyRecord, KeyStore
+from atajo.auth.virtual import VirtualKeys, principal_of
 from atajo.cache.service import CacheService
 from atajo.coalesce.singleflight import SingleFlight
 from atajo.core.catalog import Catalog
-from atajo.core.context import RequestContext
+from atajo.core.context import Principal, RequestContext
 from atajo.core.deployments import Deployment
 from atajo.core.pipeline import Stage, build_pipeline
 from atajo.core.requests import EmbeddingsRequest
 from atajo.core.requests import Request as CoreRequest
 from atajo.core.results import Completion
+from atajo.limits.adaptive import Adaptive, GatewayLoad
 from atajo.limits.estimate import estimate_tokens
 from atajo.limits.gcra import MemoryStorage, Storage
 from atajo.limits.limiter import Limiter
@@ -54,6 +55,7 @@ from atajo.stages.coalesce import CoalesceStage, SharedOutcome
 from atajo.stages.observe import ObserveStage
 from atajo.stages.ratelimit import RateLimitStage
 from atajo.stages.upstream import Sleep, UpstreamStage
+from atajo.types import JSONObject
 
 log = logging.getLogger("atajo")
 
@@ -78,6 +80,8 @@ class Services:
     cache: CacheService | None
     virtual_keys: VirtualKeys | None = None
     limiter: Limiter | None = None
+    adaptive: Adaptive | None = None
+    load: GatewayLoad | None = None
 
 
 def build_storage(settings: Settings, clock: Callable[[], float]) -> Storage:
@@ -138,10 +142,16 @@ def build_services(
     upstream = UpstreamStage(table, providers, breakers, RetryPolicy.from_settings(settings.retry), metrics, sleep)
     stages: list[Stage] = [ObserveStage(metrics, catalog)]
     limiter: Limiter | None = None
+    adaptive: Adaptive | None = None
+    load: GatewayLoad | None = None
     if settings.limits.enabled:
-        limiter = Limiter(settings.limits, build_storage(settings, clock), clock=clock)
+        tuning = settings.limits.adaptive
+        load = GatewayLoad(lambda: metrics.in_flight.value, tuning.capacity, tuning.max_loop_lag_s)
+        names = frozenset(table.names())
+        adaptive = Adaptive(tuning, load, clock=clock, model_key=lambda m: m if m in names else "*")
+        limiter = Limiter(settings.limits, build_storage(settings, clock), adaptive, clock=clock)
         output = settings.limits.output_tokens
-        stages.append(RateLimitStage(limiter, partial(_estimate, output=output)))
+        stages.append(RateLimitStage(limiter, partial(_estimate, output=output), adaptive.record_upstream))
     cache: CacheService | None = None
     # Single-flight groups requests by the cache key, so it joins when the cache is on.
     flight: SingleFlight[SharedOutcome] = SingleFlight()
@@ -166,6 +176,7 @@ def build_services(
         max_body_bytes=settings.server.max_body_bytes,
         model_names=table.names,
         authenticate=keys.authenticate,
+        on_answer=partial(_client_outcome, adaptive) if adaptive is not None else None,
     )
 
     def pool_metrics() -> Iterable[Metric]:
@@ -199,9 +210,20 @@ def build_services(
     if cache is not None:
         metrics.add_collector(partial(cache_metrics, cache))
     metrics.add_collector(partial(flight_metrics, flight))
-    if limiter is not None:
-        metrics.add_collector(partial(limiter_metrics, limiter))
-    return Services(settings, metrics, pool, table, breakers, keys, catalog, server, cache, virtual_keys, limiter)
+    if limiter is not None and adaptive is not None:
+        metrics.add_collector(partial(limiter_metrics, limiter, adaptive))
+    return Services(
+        settings, metrics, pool, table, breakers, keys, catalog, server, cache, virtual_keys, limiter, adaptive, load
+    )
+
+
+BAD_CODES = frozenset({"rate_limit_exceeded", "model_not_allowed", "invalid_json", "request_too_large"})
+
+
+def _client_outcome(adaptive: Adaptive, principal: Principal, status: int, code: str) -> None:
+    """A client's request was bad when the gateway refused it (rate limit, model not allowed) or could not read
+    it (malformed, too large, invalid): the adaptive client multiplier counts those."""
+    adaptive.record_request(principal, bad=code in BAD_CODES or status in (400, 413, 422))
 
 
 def _estimate(request: CoreRequest, *, output: int) -> int:
@@ -209,7 +231,7 @@ def _estimate(request: CoreRequest, *, output: int) -> int:
     return estimate_tokens(request, output)
 
 
-def limiter_metrics(limiter: Limiter) -> Iterable[Metric]:
+def limiter_metrics(limiter: Limiter, adaptive: Adaptive) -> Iterable[Metric]:
     yield counter_family(
         "atajo_ratelimit_decisions",
         "Admission decisions: allowed, rejected or shadow_rejected (by the scope that refused: key, tenant, model, "
@@ -222,6 +244,31 @@ def limiter_metrics(limiter: Limiter) -> Iterable[Metric]:
         "Rate-limit storage calls that failed or timed out (the request was admitted)",
         [],
         [([], limiter.storage_errors)],
+    )
+    yield gauge_family("atajo_ratelimit_load", "The gateway's smoothed saturation (0 idle, 1 full)", [],
+                       [([], adaptive.load_smoothed)])  # fmt: skip
+    yield gauge_family(
+        "atajo_ratelimit_multiplier",
+        "Adaptive multipliers on limits: load (gateway), client (per key id), upstream (per model)",
+        ["factor", "name"],
+        [
+            (["load", ""], adaptive.load.value),
+            *((["client", name], c.factor.value) for name, c in adaptive.clients.items()),
+            *((["upstream", name], u.factor.value) for name, u in adaptive.upstreams.items()),
+        ],
+    )
+    effective = []
+    for scope in limiter.configured_scopes():
+        m = adaptive.load.value * adaptive.upstream_factor(scope.name) if scope.limits.adaptive else 1.0
+        m = m if adaptive.settings.enabled else 1.0
+        for unit, limit in (("requests", scope.limits.rpm), ("tokens", scope.limits.tpm)):
+            if limit is not None:
+                effective.append(([scope.kind, scope.name, unit], max(1, int(limit * m))))
+    yield gauge_family(
+        "atajo_ratelimit_effective_limit",
+        "Limits in force per minute (configured times the load and upstream multipliers), per configured scope",
+        ["scope", "name", "unit"],
+        effective,
     )
 
 
@@ -290,6 +337,9 @@ class Gateway:
         await self.services.pool.start()
         if self.services.virtual_keys is not None:
             await self.services.virtual_keys.start()
+        if self.services.adaptive is not None and self.services.load is not None:
+            await self.services.load.start()
+            await self.services.adaptive.start()
         if self.services.cache is not None:
             await self.services.cache.start()
         self.services.server.accepting = True
@@ -303,6 +353,9 @@ class Gateway:
             await self.services.cache.close()
         if self.services.virtual_keys is not None:
             await self.services.virtual_keys.close()
+        if self.services.adaptive is not None and self.services.load is not None:
+            await self.services.adaptive.close()
+            await self.services.load.close()
         if self.services.limiter is not None:
             await self.services.limiter.storage.close()
         await self.services.pool.close()
@@ -349,8 +402,51 @@ def build_app(
     if services.cache is not None:
         router.add(CacheAdmin(services.cache, services.keys.authenticate, services.server.request_id).routes())
     if services.virtual_keys is not None:
-        router.add(KeysAdmin(services.virtual_keys, services.keys.authenticate, services.server.request_id).routes())
+        admin = KeysAdmin(
+            services.virtual_keys,
+            services.keys.authenticate,
+            services.server.request_id,
+            describe_key=partial(_describe_key, services) if services.limiter else None,
+            describe_limits=partial(_describe_limits, services) if services.limiter else None,
+        )
+        router.add(admin.routes())
     return Gateway(services, router)
+
+
+def _describe_limits(services: Services) -> JSONObject:
+    limiter, adaptive = services.limiter, services.adaptive
+    assert limiter is not None and adaptive is not None
+    scopes = [
+        {"scope": s.kind, "name": s.name, **s.limits.model_dump(exclude_none=True)} for s in limiter.configured_scopes()
+    ]
+    return {
+        "storage": limiter.storage.name,
+        "shadow": limiter.settings.shadow,
+        "adaptive": adaptive.describe(),
+        "configured": scopes,
+    }
+
+
+def _describe_key(services: Services, record: KeyRecord) -> JSONObject:
+    """A key's limits in force now: what it carries (or the defaults) times its multipliers."""
+    limiter, adaptive = services.limiter, services.adaptive
+    assert limiter is not None and adaptive is not None
+    principal = principal_of(record, None, services.settings.limits.tenants)
+    limits = limiter.scopes(principal, "")
+    m = adaptive.load.value * adaptive.client_factor(principal) if adaptive.settings.enabled else 1.0
+    own = next((s.limits for s in limits if s.kind == "key"), None)
+    effective: JSONObject = {}
+    if own is not None:
+        factor = m if own.adaptive else 1.0
+        for unit, limit in (("rpm", own.rpm), ("tpm", own.tpm)):
+            if limit is not None:
+                effective[unit] = max(1, int(limit * factor))
+    return {
+        "limits": effective,
+        "multiplier": round(m if own is None or own.adaptive else 1.0, 6),
+        "factors": {"load": adaptive.load.value, "client": adaptive.client_factor(principal)},
+        "note": "requests for a model whose upstream is failing are also scaled by that model's upstream factor",
+    }
 
 
 def describe_startup(settings: Settings, keys_open: bool) -> list[str]:

@@ -147,6 +147,16 @@ class Limiter:
             found.append(Scope("gateway", "*", s.gateway))
         return found
 
+    def configured_scopes(self) -> list[Scope]:
+        """The scopes named in settings (gateway, models, tenants), for metrics and the admin API."""
+        s = self.settings
+        found = [] if s.gateway.empty else [Scope("gateway", "*", s.gateway)]
+        found += [Scope("model", name, limits) for name, limits in sorted(s.models.items()) if not limits.empty]
+        found += [Scope("tenant", name, limits) for name, limits in sorted(s.tenants.items()) if not limits.empty]
+        if not s.keys.empty:
+            found.append(Scope("key", "*", s.keys))
+        return found
+
     def checks(self, scopes: list[Scope], multiplier: float, tokens: int) -> list[Check]:
         checks = []
         for scope in scopes:

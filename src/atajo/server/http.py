@@ -71,6 +71,7 @@ class GatewayServer:
         model_names: Callable[[], list[str]],
         authenticate: Callable[[Mapping[str, str]], Awaitable[Principal]],
         ready_checks: dict[str, ReadyCheck] | None = None,
+        on_answer: Callable[[Principal, int, str], None] | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.metrics = metrics
@@ -78,6 +79,9 @@ class GatewayServer:
         self.model_names = model_names
         self.authenticate = authenticate
         self.ready_checks = ready_checks or {}
+        self.on_answer = on_answer
+        """Told (principal, status, error code) of every authenticated model request: the adaptive limits
+        judge a client's behaviour from it."""
         self.accepting = False
         self.request_id = RequestIds()
         self._openapi: bytes | None = None
@@ -131,6 +135,8 @@ class GatewayServer:
             self.metrics.request_duration.labels(route).observe(ctx.elapsed_ns() / 1e9)
             if code:
                 self.metrics.errors.labels(route, code).inc()
+            if self.on_answer is not None and ctx.principal is not None:
+                self.on_answer(ctx.principal, status, code)
 
     def _record_overhead(self, ctx: RequestContext) -> None:
         # For streams, the figure at the headers: later time is spent writing to a possibly slow client.
