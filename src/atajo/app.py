@@ -36,6 +36,7 @@ from atajo.core.requests import EmbeddingsRequest
 from atajo.core.requests import Request as CoreRequest
 from atajo.core.results import Completion
 from atajo.limits.adaptive import Adaptive, GatewayLoad
+from atajo.limits.concurrency import ConcurrencyBoard, GuardedProvider
 from atajo.limits.estimate import estimate_tokens
 from atajo.limits.gcra import MemoryStorage, Storage
 from atajo.limits.limiter import Limiter
@@ -139,6 +140,10 @@ def build_services(
         )
     keys = KeyRing(settings.auth, virtual_keys, settings.limits.tenants)
     providers = build_providers((d.provider for d in table.all_deployments()), pool, catalog, sleep)
+    concurrency: ConcurrencyBoard | None = None
+    if settings.limits.enabled and settings.limits.concurrency.enabled:
+        concurrency = ConcurrencyBoard(settings.limits.concurrency, clock)
+        providers = {name: GuardedProvider(p, concurrency) for name, p in providers.items()}
     upstream = UpstreamStage(table, providers, breakers, RetryPolicy.from_settings(settings.retry), metrics, sleep)
     stages: list[Stage] = [ObserveStage(metrics, catalog)]
     limiter: Limiter | None = None
@@ -212,6 +217,8 @@ def build_services(
     metrics.add_collector(partial(flight_metrics, flight))
     if limiter is not None and adaptive is not None:
         metrics.add_collector(partial(limiter_metrics, limiter, adaptive))
+    if concurrency is not None:
+        metrics.add_collector(partial(concurrency_metrics, concurrency))
     return Services(
         settings, metrics, pool, table, breakers, keys, catalog, server, cache, virtual_keys, limiter, adaptive, load
     )
@@ -224,6 +231,26 @@ def _client_outcome(adaptive: Adaptive, principal: Principal, status: int, code:
     """A client's request was bad when the gateway refused it (rate limit, model not allowed) or could not read
     it (malformed, too large, invalid): the adaptive client multiplier counts those."""
     adaptive.record_request(principal, bad=code in BAD_CODES or status in (400, 413, 422))
+
+
+def concurrency_metrics(board: ConcurrencyBoard) -> Iterable[Metric]:
+    caps = sorted(board.caps.items())
+    yield gauge_family(
+        "atajo_upstream_concurrency_limit", "Adaptive cap on calls in flight, per deployment", ["deployment"],
+        [([name], cap.cap) for name, cap in caps],
+    )  # fmt: skip
+    yield gauge_family(
+        "atajo_upstream_concurrency_in_flight", "Calls in flight, per deployment", ["deployment"],
+        [([name], cap.in_flight) for name, cap in caps],
+    )  # fmt: skip
+    yield counter_family(
+        "atajo_upstream_saturated", "Calls refused because a deployment's cap was full (after waiting)", ["deployment"],
+        [([name], cap.saturated) for name, cap in caps],
+    )  # fmt: skip
+    yield counter_family(
+        "atajo_upstream_concurrency_decreases", "Times a deployment's cap was cut on a sign of distress",
+        ["deployment"], [([name], cap.decreases) for name, cap in caps],
+    )  # fmt: skip
 
 
 def _estimate(request: CoreRequest, *, output: int) -> int:
