@@ -10,8 +10,10 @@ import httpx
 from atajo.core.context import Principal
 from atajo.limits.adaptive import Adaptive
 from atajo.settings import AdaptiveSettings
-from tests.conftest import GatewayFactory
+from tests.conftest import GatewayFactory, openai_model
 from tests.doubles import FakeClock
+from tests.upstreams.live import LiveServer
+from tests.upstreams.openai_server import Fault, OpenAIUpstream
 
 SETTINGS = AdaptiveSettings()
 CLIENT = Principal("app", tenant="acme")
@@ -170,3 +172,34 @@ def test_the_effective_limit_shows_in_headers_admin_and_metrics(gateway: Gateway
     ).json()
     shown = httpx.get(gw.url + f"/admin/keys/{key['id']}", headers={"authorization": "Bearer sk-m"}).json()
     assert shown["effective"]["limits"] == {"rpm": 60} and shown["effective"]["factors"]["load"] == 1.5
+
+
+def test_the_gateway_feeds_client_behaviour_and_upstream_errors(
+    gateway: GatewayFactory, openai_upstream: tuple[OpenAIUpstream, LiveServer]
+) -> None:
+    upstream, server = openai_upstream
+    upstream.always = Fault(status=500)
+    clock = FakeClock()
+    config = {
+        "models": {"m": openai_model(server.url)},
+        "auth": {"master_key": "sk-m", "keys": [{"name": "app", "key": "sk-app"}]},
+        "retry": {"max_retries": 0},
+        "breaker": {"failure_threshold": 1000},
+    }
+    gw = gateway(config, clock=clock)
+    headers = {"authorization": "Bearer sk-app"}
+    for _ in range(25):
+        assert httpx.post(gw.url + "/v1/chat/completions", content=b"{not json", headers=headers).status_code == 400
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        assert httpx.post(gw.url + "/v1/chat/completions", json=body, headers=headers).status_code == 502
+    adaptive = gw.gateway.services.adaptive
+    assert adaptive is not None
+    clock.advance(1)
+    gw.call(_tick(adaptive))
+    described = httpx.get(gw.url + "/admin/limits", headers={"authorization": "Bearer sk-m"}).json()["adaptive"]
+    assert described["clients"]["app"]["state"] == "problematic"  # half its requests were malformed
+    assert described["upstreams"]["m"]["error_rate"] == 1.0 and described["upstreams"]["m"]["target"] == 0.5
+
+
+async def _tick(adaptive: Adaptive) -> None:
+    adaptive.tick()  # on the gateway's own loop, as its background task does

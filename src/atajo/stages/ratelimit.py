@@ -13,6 +13,7 @@ multipliers.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable
+from functools import partial
 
 from atajo.core.context import RequestContext
 from atajo.core.pipeline import Handler
@@ -43,11 +44,20 @@ class RateLimitStage:
             raise PermissionDenied(
                 f"This key may not use the model `{request.model}`.", param="model", code="model_not_allowed"
             )
-        admission = await self.limiter.admit(principal, request.model, self.estimate(request))
-        if admission.checks:
-            headers = admission.headers()
-            if headers:
-                ctx.extra_headers = {**(ctx.extra_headers or {}), **headers}
+        admission = await self.limiter.admit(principal, request.model, partial(self.estimate, request))
+        if not admission.checks:  # no limit applies: nothing to charge or settle; outcomes still count
+            try:
+                result = await call_next(request, ctx)
+            except UpstreamError as err:
+                if not isinstance(err, UpstreamRejected):
+                    self._outcome(request, ctx, ok=False)
+                raise
+            if isinstance(result, Completion):
+                self._outcome(request, ctx, ok=True)
+            return result
+        headers = admission.headers()
+        if headers:
+            ctx.extra_headers = {**(ctx.extra_headers or {}), **headers}
         if not admission.allowed:
             raise RateLimited(admission.message(), retry_after_s=admission.retry_after_s())
         try:
