@@ -178,3 +178,30 @@ async def test_an_unreachable_store_answers_503_not_401(tmp_path: Path) -> None:
             await keys.poll_once()
     finally:
         await keys.close()
+
+
+async def test_a_change_that_becomes_visible_after_a_later_one_is_still_applied(tmp_path: Path) -> None:
+    """On PostgreSQL an event's id is drawn at insert and seen at commit, so id 5 can appear after id 6."""
+    url = f"sqlite:///{tmp_path}/k.db"
+    keys = VirtualKeys(KeyStore(url), lookup_ttl_s=3600)
+    await keys.start()
+    try:
+        secret, record = _record()
+        await keys.store.create_key(record)
+        await keys.poll_once()
+        assert await keys.lookup(digest(secret)) is not None
+        last, _ = await keys.store.event_ids()
+        p = keys.store.prefix
+        async with keys.store._transaction() as tx:  # a later change, committed first
+            await tx.execute(f"INSERT INTO {p}events (id, at, kind, subject) VALUES (?, 0, 'key', 'other')", last + 2)
+        await keys.poll_once()
+        async with keys.store._transaction() as tx:  # the earlier one: the key's revocation, seen only now
+            await tx.execute(f"UPDATE {p}keys SET revoked_at = 1 WHERE id = ?", record.id)
+            await tx.execute(
+                f"INSERT INTO {p}events (id, at, kind, subject) VALUES (?, 0, 'key', ?)", last + 1, record.digest
+            )
+        assert await keys.lookup(digest(secret)) is not None  # still cached ...
+        await keys.poll_once()
+        assert await keys.lookup(digest(secret)) is None  # ... until the late row is read
+    finally:
+        await keys.close()

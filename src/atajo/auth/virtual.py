@@ -14,6 +14,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 
 from atajo.auth.store import KeyRecord, KeyStore, KeyStoreError, TenantRecord
@@ -24,6 +25,8 @@ from atajo.settings import RateLimit
 log = logging.getLogger("atajo.auth")
 
 SECRET_PREFIX = "sk-atajo-"
+OVERLAP = 64
+"""Change-log ids re-read behind the newest applied one (see ``poll_once``)."""
 MAX_CACHED = 100_000
 """Cached lookups beyond this are all dropped (a flood of random keys cannot grow memory without bound)."""
 
@@ -76,6 +79,7 @@ class VirtualKeys:
         self._cache: dict[str, tuple[float, Principal | None]] = {}
         self._generation = 0
         self._last_event = -1
+        self._applied: deque[int] = deque(maxlen=4 * OVERLAP)
         self._task: asyncio.Task[None] | None = None
         self.lookups = 0
         self.store_errors = 0
@@ -128,14 +132,18 @@ class VirtualKeys:
         self.dropped += 1
 
     async def poll_once(self) -> None:
-        """Apply the change log's new rows (raises KeyStoreError when the store cannot be read)."""
+        """Apply the change log's new rows (raises KeyStoreError when the store cannot be read).
+
+        On PostgreSQL a row's id is drawn when its transaction inserts it, not when it commits, so a row may
+        become visible after one with a higher id. The log is therefore read from ``OVERLAP`` ids back, and
+        rows already applied are skipped."""
         if self._last_event < 0:
             newest, _ = await self.store.event_ids()
             self.forget()
             self._last_event = newest
             return
         while True:
-            rows = await self.store.events_after(self._last_event)
+            rows = [r for r in await self.store.events_after(self._last_event - OVERLAP) if r[0] not in self._applied]
             if not rows:
                 return
             if rows[0][0] > self._last_event + 1:
@@ -143,8 +151,11 @@ class VirtualKeys:
                 if oldest > self._last_event + 1:  # pruned past what we read: we cannot know what we missed
                     self.forget()
             for row_id, kind, subject in rows:
-                self._last_event = row_id
+                self._applied.append(row_id)
+                self._last_event = max(self._last_event, row_id)
                 self.forget(subject if kind == "key" else None)
+            if len(rows) < 1000:
+                return
 
     async def _poll(self) -> None:
         failing_since: float | None = None
