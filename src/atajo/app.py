@@ -95,6 +95,19 @@ def build_storage(settings: Settings, clock: Callable[[], float]) -> Storage:
     return RedisStorage(limits.storage, timeout_s=limits.timeout_s, max_connections=limits.redis_max_connections)
 
 
+def can_limit(settings: Settings) -> bool:
+    """Whether anything could limit a request: a configured limit, a static key with limits or allowed models,
+    or virtual keys (which may carry them). If not, the ratelimit stage stays out of the pipeline (it would only
+    cost time); the per-deployment concurrency caps do not depend on it."""
+    limits = settings.limits
+    configured = [limits.gateway, limits.keys, *limits.models.values(), *limits.tenants.values()]
+    if any(not limit.empty for limit in configured):
+        return True
+    if any(key.limits is not None or key.models is not None for key in settings.auth.keys):
+        return True
+    return settings.key_store_url is not None
+
+
 def build_table(settings: Settings) -> ModelTable:
     deployments = {
         name: [Deployment.from_settings(name, i, d, settings.pool) for i, d in enumerate(model.deployments)]
@@ -149,7 +162,7 @@ def build_services(
     limiter: Limiter | None = None
     adaptive: Adaptive | None = None
     load: GatewayLoad | None = None
-    if settings.limits.enabled:
+    if settings.limits.enabled and can_limit(settings):
         tuning = settings.limits.adaptive
         load = GatewayLoad(lambda: metrics.in_flight.value, tuning.capacity, tuning.max_loop_lag_s)
         names = frozenset(table.names())

@@ -133,3 +133,14 @@ def test_streams_settle_their_tokens_when_they_end(gateway: GatewayFactory, upst
         for _ in raw.parse():
             pass
     assert _post(gw.url, max_tokens=500).headers["x-ratelimit-remaining-tokens"] == "475"
+
+
+def test_the_stage_joins_only_when_something_could_limit() -> None:
+    from atajo.app import can_limit
+    from atajo.settings import Settings
+
+    assert not can_limit(Settings())
+    assert can_limit(Settings.model_validate({"limits": {"gateway": {"tpm": 5}}}))
+    assert can_limit(Settings.model_validate({"auth": {"keys": [{"name": "a", "key": "k", "models": ["m"]}]}}))
+    assert can_limit(Settings.model_validate({"auth": {"master_key": "m"}}))  # virtual keys may carry limits
+    assert not can_limit(Settings.model_validate({"auth": {"master_key": "m", "store": "off"}}))

@@ -254,7 +254,7 @@ class GatewayLoad:
         capacity: int,
         max_loop_lag_s: float,
         *,
-        probe_s: float = 0.05,
+        probe_s: float = 0.1,
     ) -> None:
         self.in_flight = in_flight
         self.capacity = capacity

@@ -151,7 +151,9 @@ class GuardedProvider:
         self.name = provider.name
 
     async def _slot(self, deployment: Deployment) -> AIMD:
-        cap = self.board.get(deployment.id)
+        cap = self.board.caps.get(deployment.id) or self.board.get(deployment.id)
+        if not cap._waiters and cap.try_acquire():  # the common case, without a wait's machinery
+            return cap
         if not await cap.acquire():
             raise DeploymentSaturated(
                 f"deployment {deployment.id} is at its concurrency limit ({cap.cap} calls in flight); "

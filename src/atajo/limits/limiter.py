@@ -172,9 +172,12 @@ class Limiter:
                 checks.append(Check(scope, "tokens", limit, Bucket.of(prefix + "t", limits.tpm * m, burst, tokens)))
         return checks
 
-    async def admit(self, principal: Principal, model: str, estimate: Callable[[], int]) -> Admission:
-        """``estimate`` (the request's tokens) is called only when a token limit applies."""
-        scopes = self.scopes(principal, model)
+    async def admit(
+        self, principal: Principal, model: str, estimate: Callable[[], int], scopes: list[Scope] | None = None
+    ) -> Admission:
+        """``estimate`` (the request's tokens) is called only when a token limit applies; ``scopes`` when the
+        caller has them already."""
+        scopes = self.scopes(principal, model) if scopes is None else scopes
         if not scopes:
             return Admission()
         tokens = estimate() if any(scope.limits.tpm is not None for scope in scopes) else 0

@@ -44,8 +44,13 @@ class RateLimitStage:
             raise PermissionDenied(
                 f"This key may not use the model `{request.model}`.", param="model", code="model_not_allowed"
             )
-        admission = await self.limiter.admit(principal, request.model, partial(self.estimate, request))
-        if not admission.checks:  # no limit applies: nothing to charge or settle; outcomes still count
+        scopes = self.limiter.scopes(principal, request.model)
+        admission = (
+            await self.limiter.admit(principal, request.model, partial(self.estimate, request), scopes)
+            if scopes
+            else None
+        )
+        if admission is None or not admission.checks:  # no limit applies: nothing to charge; outcomes still count
             try:
                 result = await call_next(request, ctx)
             except UpstreamError as err:
