@@ -51,6 +51,8 @@ def gateway() -> Iterator[GatewayFactory]:
         config.setdefault("cache", {"enabled": False})
         config.setdefault("ledger", {"enabled": False})
         config["batches"] = {"url": "sqlite://:memory:", **config.get("batches", {})}  # never the home directory
+        if "auth" in config:  # a master key opens the key store: a private one per gateway unless one is named
+            config["auth"] = {"store": "sqlite://:memory:", **config["auth"]}
         settings = Settings.model_validate(config)
         kwargs: dict[str, Any] = {"sleep": _no_sleep} if instant_backoff else {}
         kwargs.update(app_kwargs)

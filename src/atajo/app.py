@@ -2,7 +2,7 @@
 
 The pipeline's order is declared here, once:
 
-    observe → cache → coalesce → route → upstream          (guard, ratelimit join as they land)
+    observe → ratelimit → cache → coalesce → route → budget → upstream          (guard joins as it lands)
 
 Authentication runs before the pipeline, at the HTTP edge (see ``atajo.auth``).
 """
@@ -24,6 +24,8 @@ from typing import Any
 from prometheus_client.core import Metric
 
 from atajo.auth.keys import KeyRing
+from atajo.auth.store import KeyRecord, KeyStore
+from atajo.auth.virtual import VirtualKeys, principal_of
 from atajo.batches.store import BatchStore
 from atajo.budget.budgets import Budgets
 from atajo.budget.memory import MemoryBudgetStore
@@ -33,12 +35,18 @@ from atajo.coalesce.lease import Claim, RedisLease
 from atajo.coalesce.singleflight import SingleFlight
 from atajo.core.batches import BatchApi, DeferredCost
 from atajo.core.catalog import Catalog, ModelInfo, load_catalog
-from atajo.core.context import RequestContext
+from atajo.core.context import Principal, RequestContext
 from atajo.core.deployments import Deployment
 from atajo.core.pipeline import Handler, Stage, build_pipeline
 from atajo.core.requests import EmbeddingsRequest
+from atajo.core.requests import Request as CoreRequest
 from atajo.core.results import Completion
 from atajo.errors import ConfigError
+from atajo.limits.adaptive import Adaptive, GatewayLoad
+from atajo.limits.concurrency import ConcurrencyBoard, GuardedProvider
+from atajo.limits.estimate import estimate_tokens
+from atajo.limits.gcra import MemoryStorage, Storage
+from atajo.limits.limiter import Limiter
 from atajo.observe.deferred import DeferredMetrics
 from atajo.observe.ledger import Ledger, LedgerRecord
 from atajo.observe.metrics import GatewayMetrics, counter_family, gauge_family
@@ -55,14 +63,17 @@ from atajo.server.cache_admin import CacheAdmin
 from atajo.server.deferred_requests import QueuedRequests
 from atajo.server.edge import EdgeServer, Limits, Reply, Request
 from atajo.server.http import GatewayServer, Router
+from atajo.server.keys_admin import KeysAdmin
 from atajo.settings import Settings
 from atajo.stages.budget import BudgetStage
 from atajo.stages.cache import CacheStage
 from atajo.stages.coalesce import CoalesceStage, Piece
 from atajo.stages.deferred import DeferredLane
 from atajo.stages.observe import ObserveStage
+from atajo.stages.ratelimit import RateLimitStage
 from atajo.stages.route import Group, RouteStage
 from atajo.stages.upstream import Sleep, UpstreamStage
+from atajo.types import JSONObject
 
 log = logging.getLogger("atajo")
 
@@ -96,6 +107,33 @@ class Services:
     budgets: Budgets
     ledger: Ledger | None
     lane: DeferredLane | None = None
+    virtual_keys: VirtualKeys | None = None
+    limiter: Limiter | None = None
+    adaptive: Adaptive | None = None
+    load: GatewayLoad | None = None
+
+
+def build_storage(settings: Settings, clock: Callable[[], float]) -> Storage:
+    """Where rate-limit state lives, by ``limits.storage``'s scheme; Redis is imported only when used."""
+    limits = settings.limits
+    if limits.storage.startswith("memory:"):
+        return MemoryStorage(clock)
+    from atajo.limits.redis import RedisStorage
+
+    return RedisStorage(limits.storage, timeout_s=limits.timeout_s, max_connections=limits.redis_max_connections)
+
+
+def can_limit(settings: Settings) -> bool:
+    """Whether anything could limit a request: a configured limit, a static key with limits or allowed models,
+    or virtual keys (which may carry them). If not, the ratelimit stage stays out of the pipeline (it would only
+    cost time); the per-deployment concurrency caps do not depend on it."""
+    limits = settings.limits
+    configured = [limits.gateway, limits.keys, *limits.models.values(), *limits.tenants.values()]
+    if any(not limit.empty for limit in configured):
+        return True
+    if any(key.limits is not None or key.models is not None for key in settings.auth.keys):
+        return True
+    return settings.key_store_url is not None
 
 
 def build_table(settings: Settings) -> ModelTable:
@@ -131,8 +169,22 @@ def build_services(
     table = build_table(settings)
     metrics.set_model_names([*table.names(), *settings.routing.models])
     breakers = BreakerBoard(settings.breaker, clock)
-    keys = KeyRing(settings.auth)
+    virtual_keys: VirtualKeys | None = None
+    store_url = settings.key_store_url
+    if store_url is not None:
+        virtual_keys = VirtualKeys(
+            KeyStore(store_url, clock=wall_clock),
+            lookup_ttl_s=settings.auth.lookup_ttl_s,
+            poll_s=settings.auth.store_poll_s,
+            tenant_limits=settings.limits.tenants,
+            clock=clock,
+        )
+    keys = KeyRing(settings.auth, virtual_keys, settings.limits.tenants)
     providers = build_providers((d.provider for d in table.all_deployments()), pool, catalog, sleep)
+    concurrency: ConcurrencyBoard | None = None
+    if settings.limits.enabled and settings.limits.concurrency.enabled:
+        concurrency = ConcurrencyBoard(settings.limits.concurrency, clock)
+        providers = {name: GuardedProvider(p, concurrency) for name, p in providers.items()}
     upstream = UpstreamStage(table, providers, breakers, RetryPolicy.from_settings(settings.retry), metrics, sleep)
     route = build_route(settings, table, catalog, breakers, metrics)
     ledger: Ledger | None = None
@@ -152,6 +204,17 @@ def build_services(
         wall_clock=wall_clock,
     )
     stages: list[Stage] = [observe]
+    limiter: Limiter | None = None
+    adaptive: Adaptive | None = None
+    load: GatewayLoad | None = None
+    if settings.limits.enabled and can_limit(settings):
+        tuning = settings.limits.adaptive
+        load = GatewayLoad(lambda: metrics.in_flight.value, tuning.capacity, tuning.max_loop_lag_s)
+        names = frozenset(table.names())
+        adaptive = Adaptive(tuning, load, clock=clock, model_key=lambda m: m if m in names else "*")
+        limiter = Limiter(settings.limits, build_storage(settings, clock), adaptive, clock=clock)
+        output = settings.limits.output_tokens
+        stages.append(RateLimitStage(limiter, partial(_estimate, output=output), adaptive.record_upstream))
     cache: CacheService | None = None
     # Single-flight groups requests by the cache key, so it joins when the cache is on.
     flight: SingleFlight[Piece] = SingleFlight()
@@ -189,6 +252,7 @@ def build_services(
         max_body_bytes=settings.server.max_body_bytes,
         model_names=lambda: sorted([*table.names(), *routed_names]),
         authenticate=keys.authenticate,
+        on_answer=partial(_client_outcome, adaptive) if adaptive is not None else None,
     )
 
     def pool_metrics() -> Iterable[Metric]:
@@ -233,8 +297,103 @@ def build_services(
         if settings.batches.enabled
         else None
     )
+    if limiter is not None and adaptive is not None:
+        metrics.add_collector(partial(limiter_metrics, limiter, adaptive))
+    if concurrency is not None:
+        metrics.add_collector(partial(concurrency_metrics, concurrency))
     return Services(
-        settings, metrics, pool, table, breakers, keys, catalog, server, cache, coalesce, budgets, ledger, lane
+        settings,
+        metrics,
+        pool,
+        table,
+        breakers,
+        keys,
+        catalog,
+        server,
+        cache,
+        coalesce,
+        budgets,
+        ledger,
+        lane,
+        virtual_keys,
+        limiter,
+        adaptive,
+        load,
+    )
+
+
+BAD_CODES = frozenset({"rate_limit_exceeded", "model_not_allowed", "invalid_json", "request_too_large"})
+
+
+def _client_outcome(adaptive: Adaptive, principal: Principal, status: int, code: str) -> None:
+    """A client's request was bad when the gateway refused it (rate limit, model not allowed) or could not read
+    it (malformed, too large, invalid): the adaptive client multiplier counts those."""
+    adaptive.record_request(principal, bad=code in BAD_CODES or status in (400, 413, 422))
+
+
+def concurrency_metrics(board: ConcurrencyBoard) -> Iterable[Metric]:
+    caps = sorted(board.caps.items())
+    yield gauge_family(
+        "atajo_upstream_concurrency_limit", "Adaptive cap on calls in flight, per deployment", ["deployment"],
+        [([name], cap.cap) for name, cap in caps],
+    )  # fmt: skip
+    yield gauge_family(
+        "atajo_upstream_concurrency_in_flight", "Calls in flight, per deployment", ["deployment"],
+        [([name], cap.in_flight) for name, cap in caps],
+    )  # fmt: skip
+    yield counter_family(
+        "atajo_upstream_saturated", "Calls refused because a deployment's cap was full (after waiting)", ["deployment"],
+        [([name], cap.saturated) for name, cap in caps],
+    )  # fmt: skip
+    yield counter_family(
+        "atajo_upstream_concurrency_decreases", "Times a deployment's cap was cut on a sign of distress",
+        ["deployment"], [([name], cap.decreases) for name, cap in caps],
+    )  # fmt: skip
+
+
+def _estimate(request: CoreRequest, *, output: int) -> int:
+    """Tokens reserved for a request (swap in an exact tokenizer here)."""
+    return estimate_tokens(request, output)
+
+
+def limiter_metrics(limiter: Limiter, adaptive: Adaptive) -> Iterable[Metric]:
+    yield counter_family(
+        "atajo_ratelimit_decisions",
+        "Admission decisions: allowed, rejected or shadow_rejected (by the scope that refused: key, tenant, model, "
+        "gateway)",
+        ["scope", "outcome"],
+        [([scope, outcome], n) for (scope, outcome), n in limiter.decisions.items()],
+    )
+    yield counter_family(
+        "atajo_ratelimit_storage_errors",
+        "Rate-limit storage calls that failed or timed out (the request was admitted)",
+        [],
+        [([], limiter.storage_errors)],
+    )
+    yield gauge_family("atajo_ratelimit_load", "The gateway's smoothed saturation (0 idle, 1 full)", [],
+                       [([], adaptive.load_smoothed)])  # fmt: skip
+    yield gauge_family(
+        "atajo_ratelimit_multiplier",
+        "Adaptive multipliers on limits: load (gateway), client (per key id), upstream (per model)",
+        ["factor", "name"],
+        [
+            (["load", ""], adaptive.load.value),
+            *((["client", name], c.factor.value) for name, c in adaptive.clients.items()),
+            *((["upstream", name], u.factor.value) for name, u in adaptive.upstreams.items()),
+        ],
+    )
+    effective = []
+    for scope in limiter.configured_scopes():
+        m = adaptive.load.value * adaptive.upstream_factor(scope.name) if scope.limits.adaptive else 1.0
+        m = m if adaptive.settings.enabled else 1.0
+        for unit, limit in (("requests", scope.limits.rpm), ("tokens", scope.limits.tpm)):
+            if limit is not None:
+                effective.append(([scope.kind, scope.name, unit], max(1, int(limit * m))))
+    yield gauge_family(
+        "atajo_ratelimit_effective_limit",
+        "Limits in force per minute (configured times the load and upstream multipliers), per configured scope",
+        ["scope", "name", "unit"],
+        effective,
     )
 
 
@@ -510,6 +669,11 @@ class Gateway:
         await self.services.pool.start()
         if self.services.ledger is not None:
             await self.services.ledger.start()
+        if self.services.virtual_keys is not None:
+            await self.services.virtual_keys.start()
+        if self.services.adaptive is not None and self.services.load is not None:
+            await self.services.load.start()
+            await self.services.adaptive.start()
         if self.services.cache is not None:
             await self.services.cache.start()
         if self.services.lane is not None:
@@ -530,6 +694,13 @@ class Gateway:
             await self.services.ledger.close()
         if self.services.cache is not None:
             await self.services.cache.close()
+        if self.services.virtual_keys is not None:
+            await self.services.virtual_keys.close()
+        if self.services.adaptive is not None and self.services.load is not None:
+            await self.services.adaptive.close()
+            await self.services.load.close()
+        if self.services.limiter is not None:
+            await self.services.limiter.storage.close()
         await self.services.pool.close()
 
     async def serve(
@@ -596,7 +767,52 @@ def build_app(
         )
         services.server.defer = queued.defer
         router.add(queued.routes())
+    if services.virtual_keys is not None:
+        admin = KeysAdmin(
+            services.virtual_keys,
+            services.keys.authenticate,
+            services.server.request_id,
+            describe_key=partial(_describe_key, services) if services.limiter else None,
+            describe_limits=partial(_describe_limits, services) if services.limiter else None,
+        )
+        router.add(admin.routes())
     return Gateway(services, router)
+
+
+def _describe_limits(services: Services) -> JSONObject:
+    limiter, adaptive = services.limiter, services.adaptive
+    assert limiter is not None and adaptive is not None
+    scopes = [
+        {"scope": s.kind, "name": s.name, **s.limits.model_dump(exclude_none=True)} for s in limiter.configured_scopes()
+    ]
+    return {
+        "storage": limiter.storage.name,
+        "shadow": limiter.settings.shadow,
+        "adaptive": adaptive.describe(),
+        "configured": scopes,
+    }
+
+
+def _describe_key(services: Services, record: KeyRecord) -> JSONObject:
+    """A key's limits in force now: what it carries (or the defaults) times its multipliers."""
+    limiter, adaptive = services.limiter, services.adaptive
+    assert limiter is not None and adaptive is not None
+    principal = principal_of(record, None, services.settings.limits.tenants)
+    limits = limiter.scopes(principal, "")
+    m = adaptive.load.value * adaptive.client_factor(principal) if adaptive.settings.enabled else 1.0
+    own = next((s.limits for s in limits if s.kind == "key"), None)
+    effective: JSONObject = {}
+    if own is not None:
+        factor = m if own.adaptive else 1.0
+        for unit, limit in (("rpm", own.rpm), ("tpm", own.tpm)):
+            if limit is not None:
+                effective[unit] = max(1, int(limit * factor))
+    return {
+        "limits": effective,
+        "multiplier": round(m if own is None or own.adaptive else 1.0, 6),
+        "factors": {"load": adaptive.load.value, "client": adaptive.client_factor(principal)},
+        "note": "requests for a model whose upstream is failing are also scaled by that model's upstream factor",
+    }
 
 
 def describe_startup(settings: Settings, keys_open: bool) -> list[str]:

@@ -19,6 +19,7 @@
     │   ├── UpstreamConnectError    502, retryable
     │   ├── UpstreamTimeout         504, retryable
     │   ├── UpstreamStreamBroken    502, the stream ended early (after the first chunk: not retryable)
+    │   ├── DeploymentSaturated     429, the deployment's adaptive concurrency cap is full (next deployment)
     │   └── CircuitOpen             503, the deployment is known to be down; tried in microseconds
     ├── AllAttemptsFailed           every deployment failed; status of the most telling error, errors listed
     ├── ClientClosed                (499, counted only: the client left mid-stream)
@@ -137,6 +138,17 @@ class UpstreamUnavailable(UpstreamError):
         self.retry_after_s = retry_after_s
         if upstream_status == 429:
             self.status, self.type, self.code = 429, "rate_limit_exceeded", "upstream_rate_limited"
+
+
+class DeploymentSaturated(UpstreamUnavailable):
+    """Our own protection of a struggling provider: its deployment's concurrency cap is reached. Not retried on
+    the same deployment (the next one, or a fallback, is tried); it says nothing about the deployment's health."""
+
+    retryable = False
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message, upstream_status=429, retry_after_s=retry_after_s)
+        self.code = "upstream_saturated"
 
 
 class UpstreamConnectError(UpstreamError):

@@ -94,6 +94,26 @@ class RoutePolicy(_Model):
     min_quality: float | None = Field(None, ge=0, le=1, description="least catalog quality score of the model")
 
 
+class RateLimit(_Model):
+    """Requests and tokens per minute for one scope (a key, a tenant, a model, the whole gateway). A burst is
+    how many may arrive at once after a quiet spell; by default the per-minute figure (so a limit of 100 per
+    minute lets 100 through at once, then one every 0.6 s). ``adaptive: false`` pins the figures: the adaptive
+    multipliers (load, client behaviour, upstream errors) are not applied to them."""
+
+    rpm: int | None = Field(None, ge=1, le=10**9, description="requests per minute")
+    tpm: int | None = Field(None, ge=1, le=10**12, description="tokens per minute (input + estimated output)")
+    request_burst: int | None = Field(None, ge=1, le=10**9, description="requests at once; default rpm")
+    token_burst: int | None = Field(None, ge=1, le=10**12, description="tokens at once; default tpm")
+    adaptive: bool = True
+
+    @property
+    def empty(self) -> bool:
+        return self.rpm is None and self.tpm is None
+
+
+Trust = Literal["auto", "trusted", "untrusted"]
+
+
 class ApiKey(_Model):
     """A static key. Give ``key`` (read from env with ${VAR}) or its ``key_sha256`` so no secret is in the file."""
 
@@ -104,6 +124,9 @@ class ApiKey(_Model):
     cache: CachePolicy = Field(default_factory=CachePolicy)
     coalesce: CoalescePolicy = Field(default_factory=CoalescePolicy)
     route: RoutePolicy = Field(default_factory=RoutePolicy)
+    models: list[str] | None = Field(None, description="the model names this key may use; default: all")
+    limits: RateLimit | None = Field(None, description="this key's limits; default: limits.keys")
+    trust: Trust = Field("auto", description="auto: judged from behaviour; trusted / untrusted: pinned")
 
     @model_validator(mode="after")
     def _one_of(self) -> ApiKey:
@@ -115,6 +138,16 @@ class ApiKey(_Model):
 class AuthSettings(_Model):
     master_key: SecretStr | None = None
     keys: list[ApiKey] = Field(default_factory=list)
+    store: str | None = Field(
+        None,
+        pattern=r"^((sqlite|postgresql|postgres)://.*|off)$",
+        description="where virtual keys and tenants live (sqlite:///…, postgresql://…, off); default: next to the "
+        "cache's SQL tier. Used only with a master key (the admin API needs it)",
+    )
+    store_poll_s: PositiveFloat = Field(
+        0.25, le=1.0, description="how often each instance reads the key store's change log (revocations)"
+    )
+    lookup_ttl_s: PositiveFloat = Field(60.0, description="a virtual key's lookup is kept in memory this long")
 
 
 class PoolSettings(_Model):
@@ -506,6 +539,93 @@ class BatchSettings(_Model):
     )
 
 
+class AdaptiveSettings(_Model):
+    """Multipliers on every adaptive limit, recomputed every ``interval_s`` and moved towards their target by at
+    most ``max_step`` per interval (no flapping: between the thresholds a factor holds its target)."""
+
+    enabled: bool = True
+    interval_s: PositiveFloat = 1.0
+    max_step: float = Field(0.1, gt=0, le=1, description="most a multiplier moves per interval")
+    smoothing: float = Field(0.3, gt=0, le=1, description="weight of a new load sample in its moving average")
+    high_load: float = Field(0.8, gt=0, le=1, description="load above this: overload_factor")
+    low_load: float = Field(0.3, ge=0, lt=1, description="load below this: spare_factor")
+    overload_factor: float = Field(0.5, gt=0, le=1)
+    spare_factor: float = Field(1.5, ge=1, le=10)
+    capacity: int = Field(512, ge=1, description="requests in flight that mean full load")
+    max_loop_lag_s: PositiveFloat = Field(0.1, description="event-loop lag that means full load")
+    problem_factor: float = Field(0.6, gt=0, le=1, description="multiplier of a problematic client")
+    trusted_factor: float = Field(1.2, ge=1, le=10, description="multiplier of a trusted client")
+    problem_ratio: float = Field(0.2, gt=0, le=1, description="share of bad requests that makes a client problematic")
+    clean_ratio: float = Field(0.01, ge=0, lt=1, description="share of bad requests under which a client is clean")
+    client_window_s: PositiveFloat = Field(300.0, description="the window a client's behaviour is judged over")
+    client_min_requests: int = Field(20, ge=1, description="fewer requests in the window: no judgement")
+    trusted_after_s: PositiveFloat = Field(3600.0, description="clean this long (and busy enough) means trusted")
+    trusted_min_requests: int = Field(1000, ge=1)
+    upstream_window_s: PositiveFloat = 60.0
+    upstream_min_calls: int = Field(20, ge=1)
+    upstream_error_high: float = Field(0.10, gt=0, le=1, description="error rate above this lowers the model's limits")
+    upstream_error_low: float = Field(0.02, ge=0, lt=1, description="error rate below this restores them")
+    upstream_factor: float = Field(0.5, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AdaptiveSettings:
+        if self.low_load >= self.high_load:
+            raise ValueError("limits.adaptive.low_load must be below high_load")
+        if self.upstream_error_low >= self.upstream_error_high:
+            raise ValueError("limits.adaptive.upstream_error_low must be below upstream_error_high")
+        if self.clean_ratio >= self.problem_ratio:
+            raise ValueError("limits.adaptive.clean_ratio must be below problem_ratio")
+        return self
+
+
+class ConcurrencySettings(_Model):
+    """An adaptive cap on calls in flight per upstream deployment (AIMD): halved (``decrease``) on a 429, 503 or
+    timeout, at most once per ``cooldown_s``; one more after each full window of successes."""
+
+    enabled: bool = True
+    initial: int = Field(100, ge=1)
+    min: int = Field(1, ge=1)
+    max: int = Field(1000, ge=1)
+    decrease: float = Field(0.5, gt=0, lt=1, description="the cap is multiplied by this on a sign of distress")
+    cooldown_s: PositiveFloat = Field(1.0, description="at most one decrease per deployment this often")
+    queue_timeout_s: float = Field(1.0, ge=0, description="longest wait for a free slot; then the next deployment")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ConcurrencySettings:
+        if not self.min <= self.initial <= self.max:
+            raise ValueError("limits.concurrency: need min <= initial <= max")
+        return self
+
+
+class LimitsSettings(_Model):
+    """Admission: requests and tokens per minute per key, tenant, model and for the whole gateway (GCRA)."""
+
+    enabled: bool = True
+    storage: str = Field(
+        "memory://",
+        pattern=r"^(memory|redis|rediss|unix)://",
+        description="memory:// (per process) or redis://… (shared by every instance; atomic Lua, Redis's clock)",
+    )
+    shadow: bool = Field(False, description="log and count what would be rejected, reject nothing")
+    gateway: RateLimit = Field(default_factory=RateLimit, description="the whole gateway")
+    models: dict[str, RateLimit] = Field(default_factory=dict, description="per public model name")
+    tenants: dict[str, RateLimit] = Field(default_factory=dict, description="per tenant (the store's win)")
+    keys: RateLimit = Field(default_factory=RateLimit, description="for keys that carry no limits of their own")
+    output_tokens: int = Field(256, ge=0, description="estimated output when a request sets no max_tokens")
+    timeout_s: PositiveFloat = Field(0.5, description="longest wait for the limiter's storage; then fail open")
+    redis_max_connections: int = Field(64, ge=1, description="Redis pool size; callers wait for a free one")
+    adaptive: AdaptiveSettings = Field(default_factory=AdaptiveSettings)
+    concurrency: ConcurrencySettings = Field(default_factory=ConcurrencySettings)
+
+    @field_validator("tenants")
+    @classmethod
+    def _tenant_names(cls, v: dict[str, RateLimit]) -> dict[str, RateLimit]:
+        for name in v:
+            if not re.match(NAME_PATTERN, name):
+                raise ValueError(f"{name!r} is not a tenant name (1 to 64 letters, digits or _ . : -)")
+        return v
+
+
 class Settings(_Model):
     server: ServerSettings = Field(default_factory=ServerSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
@@ -522,6 +642,7 @@ class Settings(_Model):
     budgets: BudgetSettings = Field(default_factory=BudgetSettings)
     ledger: LedgerSettings = Field(default_factory=LedgerSettings)
     batches: BatchSettings = Field(default_factory=BatchSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @model_validator(mode="after")
@@ -552,7 +673,27 @@ class Settings(_Model):
                     "cache.semantic.decision: required with a provider embedder (the shipped decision is fitted to "
                     "the local model's similarities); fit one with `atajo cache calibrate --embeddings-url`"
                 )
+        for name in self.limits.models:
+            if name not in self.models and "*" not in self.models:
+                raise ValueError(f"limits.models: {name!r} is not a model in `models`")
         return self
+
+    @property
+    def key_store_url(self) -> str | None:
+        """Where virtual keys live: ``auth.store``, else next to the cache's SQL tier (the same PostgreSQL
+        database, or ``keys.db`` beside the SQLite file), else ``~/.cache/atajo/keys.db``. None without a master
+        key (nobody could manage the keys) or with ``auth.store: off``."""
+        if self.auth.master_key is None or self.auth.store == "off":
+            return None
+        if self.auth.store:
+            return self.auth.store
+        for tier in self.cache.tiers if self.cache.enabled else ():
+            if tier.kind == "sql":
+                if tier.url.startswith("sqlite:"):
+                    head, _, tail = tier.url.rpartition("/")
+                    return f"{head}/keys.db" if tail and tail != ":memory:" else tier.url
+                return tier.url
+        return "sqlite:///~/.cache/atajo/keys.db"
 
     @property
     def simulated_only(self) -> bool:

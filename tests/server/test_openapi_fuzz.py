@@ -28,7 +28,7 @@ async def _instant(_: float) -> None:
 def fuzz_gateway() -> Iterator[LiveServer]:
     config = Settings.model_validate(
         {
-            "auth": {"master_key": MASTER},
+            "auth": {"master_key": MASTER, "store": "sqlite://:memory:"},
             "server": {"max_body_bytes": 65536},
             "models": default_models({}),
             "cache": {"tiers": [{"url": "memory://", "ttl_s": 60}]},

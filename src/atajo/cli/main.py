@@ -1,5 +1,5 @@
 """``atajo serve``, ``atajo config check``, ``atajo cache ...``, ``atajo eval ...``, ``atajo report costs``,
-``atajo --version``."""
+``atajo keys ...``, ``atajo tenants ...``, ``atajo --version``."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import click
 
 from atajo import __version__
 from atajo.cli.cache import cache
+from atajo.cli.keys import keys, tenants
 from atajo.cli.report import report
 from atajo.cli.routing import eval_routing
 from atajo.cli.semantic import calibrate, eval_semantic
@@ -216,6 +217,8 @@ def _setup_logging(level: str) -> None:
 
 cli.add_command(cache)
 cli.add_command(report)
+cli.add_command(keys)
+cli.add_command(tenants)
 cache.add_command(calibrate)
 
 

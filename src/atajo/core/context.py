@@ -7,15 +7,24 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from atajo.core.results import Usage
+from atajo.settings import CachePolicy, RateLimit, Trust
 
 
 @dataclass(slots=True)
 class Principal:
-    """Who is calling. ``key_name`` is the configured name of the key, never the secret."""
+    """Who is calling. ``key_name`` is the configured name of the key (a virtual key's id), never the secret.
+
+    What a key carries beyond its tenant: the models it may use (None: all), its own limits and its tenant's
+    (None: the configured defaults), its cache policy and its trust setting."""
 
     key_name: str
     tenant: str = "default"
     is_admin: bool = False
+    models: frozenset[str] | None = None
+    limits: RateLimit | None = None
+    tenant_limits: RateLimit | None = None
+    cache: CachePolicy | None = None
+    trust: Trust = "auto"
 
 
 @dataclass(slots=True)

@@ -74,6 +74,7 @@ class GatewayServer:
         model_names: Callable[[], list[str]],
         authenticate: Callable[[Mapping[str, str]], Awaitable[Principal]],
         ready_checks: dict[str, ReadyCheck] | None = None,
+        on_answer: Callable[[Principal, int, str], None] | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.metrics = metrics
@@ -81,6 +82,9 @@ class GatewayServer:
         self.model_names = model_names
         self.authenticate = authenticate
         self.ready_checks = ready_checks or {}
+        self.on_answer = on_answer
+        """Told (principal, status, error code) of every authenticated model request: the adaptive limits
+        judge a client's behaviour from it."""
         self.accepting = False
         self.request_id = RequestIds()
         self._openapi: bytes | None = None
@@ -147,6 +151,8 @@ class GatewayServer:
             self.metrics.request_duration.labels(route).observe(ctx.elapsed_ns() / 1e9)
             if code:
                 self.metrics.errors.labels(route, code).inc()
+            if self.on_answer is not None and ctx.principal is not None:
+                self.on_answer(ctx.principal, status, code)
 
     def _record_overhead(self, ctx: RequestContext) -> None:
         # For streams, the figure at the headers: later time is spent writing to a possibly slow client.
@@ -234,17 +240,20 @@ class Router:
 
     def __init__(self, routes: Iterable[Route] = ()) -> None:
         self._exact: dict[tuple[str, str], Handle] = {}
-        self._prefixes: list[tuple[str, str, Handle]] = []
+        self._prefixes: list[tuple[str, str, Handle, bool]] = []
         self._templates: list[tuple[str, str, tuple[str, ...], Handle]] = []
         self._methods: dict[str, set[str]] = {}
         self.add(routes)
 
     def add(self, routes: Iterable[Route]) -> None:
+        """A path ending in ``/`` is a prefix whose rest is one segment; ending in ``/*``, two or more."""
         for method, path, handle in routes:
             if "{" in path:
                 self._templates.append((method, path, tuple(path.split("/")), handle))
+            elif path.endswith("/*"):
+                self._prefixes.append((method, path[:-1], handle, True))
             elif path.endswith("/"):
-                self._prefixes.append((method, path, handle))
+                self._prefixes.append((method, path, handle, False))
             else:
                 self._exact[method, path] = handle
             methods = self._methods.setdefault(path, set())
@@ -263,13 +272,15 @@ class Router:
             found = self._match_template(method, path)
             if found[1]:
                 return found
-        for route_method, prefix, prefix_handle in self._prefixes:
+        matched = ""
+        for route_method, prefix, prefix_handle, deep in self._prefixes:
             rest = path[len(prefix) :]
-            if path.startswith(prefix) and rest and "/" not in rest:
+            if path.startswith(prefix) and rest and deep == ("/" in rest):
+                pattern = prefix + "*" if deep else prefix
                 if route_method == method or (method == "HEAD" and route_method == "GET"):
-                    return prefix_handle, prefix
-                return None, prefix
-        return None, ""
+                    return prefix_handle, pattern
+                matched = matched or pattern
+        return None, matched
 
     def _match_template(self, method: str, path: str) -> tuple[Handle | None, str]:
         """Paths like ``/v1/files/{file_id}/content``: each ``{…}`` is one non-empty segment."""

@@ -16,13 +16,13 @@ def _errors(*statuses: int) -> JSONObject:
     text = {
         400: "Invalid request (malformed JSON, wrong types)",
         401: "Missing or wrong API key",
+        503: "Upstream unavailable (circuit open), or the key store unavailable",
         403: "The key may not do this (another tenant, or master key only)",
         404: "Unknown model, file or batch (another tenant's included)",
         409: "The batch's state does not allow it (cancelling a finished batch)",
         413: "Body over the size limit",
         429: "Rate limited",
         502: "Every upstream attempt failed",
-        503: "Upstream unavailable (circuit open)",
         504: "Upstream timed out",
     }
     return {str(s): {"description": text[s], "content": {"application/json": {"schema": _ERROR}}} for s in statuses}
@@ -300,12 +300,72 @@ _BATCH: JSONObject = {
         },
     },
 }
+_LIMITS_IN: JSONObject = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "rpm": {"type": "integer", "minimum": 1, "maximum": 10**9},
+        "tpm": {"type": "integer", "minimum": 1, "maximum": 10**12},
+        "request_burst": {"type": "integer", "minimum": 1, "maximum": 10**9},
+        "token_burst": {"type": "integer", "minimum": 1, "maximum": 10**12},
+        "adaptive": {"type": "boolean", "description": "false pins the figures (no adaptive multipliers)"},
+    },
+}
+_CACHE_POLICY_IN: JSONObject = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "enabled": {"type": "boolean"},
+        "ttl_s": {"type": "number", "exclusiveMinimum": 0},
+        "cache_sampled": {"type": "boolean"},
+        "stale_if_error_s": {"type": "number", "minimum": 0},
+        "semantic": {"type": "boolean"},
+    },
+}
+_KEY_REQUEST: JSONObject = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["tenant"],
+    "properties": {
+        "tenant": {**_NAME},
+        "name": {**_NAME},
+        "models": {"type": "array", "maxItems": 256, "items": {"type": "string", "pattern": "^[!-~]{1,256}$"}},
+        "limits": _LIMITS_IN,
+        "budget_micros": {"type": "integer", "minimum": 0, "maximum": 2**62},
+        "cache": _CACHE_POLICY_IN,
+        "trust": {"enum": ["auto", "trusted", "untrusted"]},
+    },
+}
+_KEY: JSONObject = {
+    "type": "object",
+    "required": ["object", "id", "tenant", "hint", "trust", "created_at", "revoked"],
+    "properties": {
+        "object": {"const": "key"},
+        "id": {"type": "string"},
+        "tenant": {"type": "string"},
+        "hint": {"type": "string"},
+        "key": {"type": "string", "description": "the secret: in the answers to create and rotate only"},
+        "revoked": {"type": "boolean"},
+        "effective": {"type": "object", "description": "limits in force and adaptive multipliers"},
+    },
+}
+_TENANT_REQUEST: JSONObject = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name"],
+    "properties": {"name": {**_NAME}, "limits": {**_LIMITS_IN}},
+}
+_TENANT_OBJECT: JSONObject = {
+    "type": "object",
+    "required": ["object", "name", "limits", "created_at", "updated_at"],
+    "properties": {"object": {"const": "tenant"}, "name": {"type": "string"}},
+}
 
 
 def _list_of(item: JSONObject) -> JSONObject:
     return {
         "type": "object",
-        "required": ["object", "data", "has_more"],
+        "required": ["object", "data"],
         "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": item},
                        "has_more": {"type": "boolean"}},
     }  # fmt: skip
@@ -654,6 +714,96 @@ def openapi_document() -> JSONObject:
             },
             **_batch_paths(bearer),
             **_queued_paths(bearer),
+            "/admin/keys": {
+                "post": {
+                    "operationId": "createKey",
+                    "security": bearer,
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _nullable_optionals(_KEY_REQUEST)}},
+                    },
+                    "responses": {
+                        "201": _json(_KEY, "The key, with its secret (shown once)"),
+                        **_errors(400, 401, 403, 503),
+                    },
+                },
+                "get": {
+                    "operationId": "listKeys",
+                    "security": bearer,
+                    "parameters": [
+                        {"name": "tenant", "in": "query", "required": False, "schema": {**_NAME}},
+                        {
+                            "name": "include_revoked",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"enum": ["true", "false"]},
+                        },
+                    ],
+                    "responses": {"200": _json(_list_of(_KEY), "Keys, without secrets"), **_errors(400, 401, 403, 503)},
+                },
+            },
+            "/admin/keys/{id}": {
+                "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "get": {
+                    "operationId": "getKey",
+                    "security": bearer,
+                    "responses": {"200": _json(_KEY, "One key"), **_errors(401, 403, 404, 503)},
+                },
+                "delete": {
+                    "operationId": "revokeKey",
+                    "security": bearer,
+                    "responses": {"200": _json(_KEY, "The key, revoked"), **_errors(401, 403, 404, 503)},
+                },
+            },
+            "/admin/keys/{id}/rotate": {
+                "post": {
+                    "operationId": "rotateKey",
+                    "security": bearer,
+                    "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                    "responses": {
+                        "200": _json(_KEY, "The key with a new secret (shown once)"),
+                        **_errors(400, 401, 403, 404, 503),
+                    },
+                }
+            },
+            "/admin/tenants": {
+                "post": {
+                    "operationId": "putTenant",
+                    "security": bearer,
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _nullable_optionals(_TENANT_REQUEST)}},
+                    },
+                    "responses": {
+                        "200": _json(_TENANT_OBJECT, "The tenant, updated"),
+                        "201": _json(_TENANT_OBJECT, "The tenant, created"),
+                        **_errors(400, 401, 403, 503),
+                    },
+                },
+                "get": {
+                    "operationId": "listTenants",
+                    "security": bearer,
+                    "responses": {"200": _json(_list_of(_TENANT_OBJECT), "Tenants"), **_errors(401, 403, 503)},
+                },
+            },
+            "/admin/tenants/{name}": {
+                "get": {
+                    "operationId": "getTenant",
+                    "security": bearer,
+                    "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+                    "responses": {"200": _json(_TENANT_OBJECT, "One tenant"), **_errors(401, 403, 404, 503)},
+                }
+            },
+            "/admin/limits": {
+                "get": {
+                    "operationId": "getLimits",
+                    "security": bearer,
+                    "responses": {
+                        "200": _json({"type": "object", "required": ["object"]}, "Multipliers and limits in force"),
+                        **_errors(401, 403),
+                    },
+                }
+            },
             "/health": {
                 "get": {
                     "operationId": "health",

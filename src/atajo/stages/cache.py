@@ -175,7 +175,10 @@ class CacheStage:
 
     def plan(self, request: Request, ctx: RequestContext) -> Plan | None:
         """What to do for this request, from its headers and the policies; None: bypass the cache."""
-        policy = self._policy(request.model, ctx.principal.key_name if ctx.principal else "")
+        principal = ctx.principal
+        policy = self._policy(
+            request.model, principal.key_name if principal else "", principal.cache if principal else None
+        )
         if not policy.enabled:
             return None
         if not policy.cache_sampled and request.operation == "chat":
@@ -216,14 +219,19 @@ class CacheStage:
         semantic = policy.semantic and self.service.semantic is not None
         return Plan(lookup, store, max_age_s, ttl_s, namespace, policy.stale_if_error_s, semantic)
 
-    def _policy(self, model: str, key_name: str) -> _Policy:
+    def _policy(self, model: str, key_name: str, key_policy: CachePolicy | None = None) -> _Policy:
+        """The model's policy refined by the key's: a static key's from ``auth.keys``, else what the principal
+        carries (a virtual key's, which does not change once issued)."""
         cached = self._policies.get((model, key_name))
         if cached is not None:
             return cached
         s = self.settings
         enabled, ttl_s, sampled, stale = s.enabled, None, s.cache_sampled, s.stale_if_error_s
         semantic = s.semantic.enabled
-        layers = [self.settings.models.get(model) or self.settings.models.get("*"), self.key_policies.get(key_name)]
+        layers = [
+            self.settings.models.get(model) or self.settings.models.get("*"),
+            self.key_policies.get(key_name) or key_policy,
+        ]
         for layer in layers:
             if layer is None:
                 continue
