@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from atajo.core.sqlite import prepare
 from atajo.errors import ServiceUnavailable
 from atajo.types import JSONObject
 
@@ -607,8 +608,7 @@ class _Sqlite:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         conn = await aiosqlite.connect(path, isolation_level=None)
         try:
-            await conn.execute("PRAGMA journal_mode=WAL")
-            await conn.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+            await prepare(conn, SQLITE_BUSY_TIMEOUT_S)
             db = cls(conn)
             async with db.transaction() as tx:
                 for statement in schema:

@@ -31,6 +31,7 @@ import orjson
 
 from atajo.cache.backends import redact_url
 from atajo.cache.entry import Clock, Entry, Selector, TierStats
+from atajo.core.sqlite import prepare
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,39}$")
 SQLITE_BUSY_TIMEOUT_S = 0.5
@@ -396,8 +397,7 @@ class _Sqlite:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         conn = await aiosqlite.connect(path, isolation_level=None)
         try:
-            await conn.execute("PRAGMA journal_mode=WAL")
-            await conn.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+            await prepare(conn, SQLITE_BUSY_TIMEOUT_S)
             await conn.execute("PRAGMA synchronous=NORMAL")  # a cache: durable enough, and cheaper commits
             db = cls(conn)
             async with db.transaction() as tx:

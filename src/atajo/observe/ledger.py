@@ -23,6 +23,8 @@ from operator import attrgetter
 from pathlib import Path
 from typing import Any, Protocol
 
+from atajo.core.sqlite import prepare
+
 log = logging.getLogger("atajo.ledger")
 
 TABLE = "atajo_ledger"
@@ -181,8 +183,7 @@ class _Sqlite:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         conn = await aiosqlite.connect(path, isolation_level=None)
         try:
-            await conn.execute("PRAGMA journal_mode=WAL")
-            await conn.execute("PRAGMA busy_timeout=5000")
+            await prepare(conn)
             await conn.execute("PRAGMA synchronous=NORMAL")  # WAL: a committed batch survives a process crash
             for statement in schema():
                 await conn.execute(statement)
