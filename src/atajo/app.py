@@ -2,7 +2,7 @@
 
 The pipeline's order is declared here, once:
 
-    observe → ratelimit → cache → coalesce → route → budget → upstream          (guard joins as it lands)
+    observe → guard → ratelimit → cache → coalesce → route → budget → upstream
 
 Authentication runs before the pipeline, at the HTTP edge (see ``atajo.auth``).
 """
@@ -69,6 +69,7 @@ from atajo.stages.budget import BudgetStage
 from atajo.stages.cache import CacheStage
 from atajo.stages.coalesce import CoalesceStage, Piece
 from atajo.stages.deferred import DeferredLane
+from atajo.stages.guard import GuardStage
 from atajo.stages.observe import ObserveStage
 from atajo.stages.ratelimit import RateLimitStage
 from atajo.stages.route import Group, RouteStage
@@ -207,6 +208,13 @@ def build_services(
     limiter: Limiter | None = None
     adaptive: Adaptive | None = None
     load: GatewayLoad | None = None
+    guard: GuardStage | None = None
+    if settings.guard.enabled:
+        guard = GuardStage(
+            block=settings.guard.block_prompt_injection,
+            count=lambda kind: metrics.guard_flags.labels(f"prompt_injection_{kind}").inc(),
+        )
+        stages.append(guard)
     if settings.limits.enabled and can_limit(settings):
         tuning = settings.limits.adaptive
         load = GatewayLoad(lambda: metrics.in_flight.value, tuning.capacity, tuning.max_loop_lag_s)
@@ -215,6 +223,8 @@ def build_services(
         limiter = Limiter(settings.limits, build_storage(settings, clock), adaptive, clock=clock)
         output = settings.limits.output_tokens
         stages.append(RateLimitStage(limiter, partial(_estimate, output=output), adaptive.record_upstream))
+        if guard is not None:
+            guard.flag = adaptive.flag  # a flagged client counts as a problematic one
     cache: CacheService | None = None
     # Single-flight groups requests by the cache key, so it joins when the cache is on.
     flight: SingleFlight[Piece] = SingleFlight()

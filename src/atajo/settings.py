@@ -597,6 +597,15 @@ class ConcurrencySettings(_Model):
         return self
 
 
+class GuardSettings(_Model):
+    """Checks on what users send, before anything is spent on it (docs/limits.md#guard)."""
+
+    enabled: bool = Field(True, description="look for prompt-injection attempts in chat requests' user messages")
+    block_prompt_injection: bool = Field(
+        False, description="refuse them with 400 prompt_injection_detected (else counted, flagged and marked)"
+    )
+
+
 class LimitsSettings(_Model):
     """Admission: requests and tokens per minute per key, tenant, model and for the whole gateway (GCRA)."""
 
@@ -643,6 +652,7 @@ class Settings(_Model):
     ledger: LedgerSettings = Field(default_factory=LedgerSettings)
     batches: BatchSettings = Field(default_factory=BatchSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    guard: GuardSettings = Field(default_factory=GuardSettings)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @model_validator(mode="after")

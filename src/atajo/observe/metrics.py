@@ -310,6 +310,11 @@ class LedgerMetrics:
 class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
+        self.guard_flags = Counter(
+            "atajo_guard_flags",
+            "Requests the guard flagged, by kind (prompt_injection_override, _reveal, _persona, _mode, _delimiter)",
+            ["kind"],
+        )
         self.requests = Counter(
             "atajo_requests", "HTTP requests answered, by route and status code", ["route", "status"]
         )
@@ -388,7 +393,7 @@ class GatewayMetrics:
             self.requests, self.request_duration, self.overhead, self.errors, self.in_flight,
             self.operation_duration, self.token_usage, self.ttft, self.attempts, self.attempt_duration,
             self.retries, self.fallbacks, self.spend, self.cache_saved, self.route_decisions, self.cascade,
-            *self.cache.own, *self.coalesce.own, *self.budget.own, *self.ledger.own,
+            self.guard_flags, *self.cache.own, *self.coalesce.own, *self.budget.own, *self.ledger.own,
         ]  # fmt: skip
         self.add_collector(lambda: (m.collect() for m in self._own))
         self.add_collector(self.budget.collect_used)
