@@ -107,3 +107,18 @@ async def test_settle_gives_back_and_alerts_once() -> None:
     assert metrics.alerts.labels("global/day").value == 1  # 600 >= 500 > 300: crossed once
     hold = await b.reserve("t", "k", 100, 0)
     assert hold is not None and hold.warnings == ["global/day cost at 90%"]
+
+
+async def test_a_virtual_keys_own_budget_is_money_per_month_beside_the_configured_ones() -> None:
+    clock = Clock(datetime(2025, 3, 31, 12, tzinfo=UTC))
+    b, _ = budgets(clock, {"scope": "key", "period": "day", "max_cost": 1})
+    (day, own) = b.lines("acme", "key_0123456789abcdef", 5_000)
+    assert day.budget == "key:key_0123456789abcdef/day"
+    assert (own.budget, own.unit, own.limit, own.period) == ("key:key_0123456789abcdef/month", "cost", 5_000, "month")
+    assert own.ends == datetime(2025, 4, 1, tzinfo=UTC) and own.key != day.key
+    assert await b.reserve("acme", "key_0123456789abcdef", 5_000, 0, 5_000) is not None
+    with pytest.raises(BudgetExceeded) as caught:
+        await b.reserve("acme", "key_0123456789abcdef", 1, 0, 5_000)
+    assert caught.value.message.startswith("Budget `key:key_0123456789abcdef/month` would be exceeded")
+    assert "this month" in caught.value.message and "resets at 2025-04-01T00:00:00Z" in caught.value.message
+    assert await b.reserve("acme", "key_0123456789abcdef", 1, 0) is not None  # without it: only the daily one

@@ -58,6 +58,7 @@ def principal_of(
         tenant_limits=tenant_limits,
         cache=record.cache,
         trust=record.trust,
+        budget_micros=record.budget_micros,
     )
 
 

@@ -2,10 +2,11 @@
 
 Before a call, ``reserve`` adds the most the request may cost (money in micro-units, tokens) to the counter of
 every budget that applies to its key and tenant, in the current day or month (UTC), if all stay within their
-limits; else nothing is added and ``BudgetExceeded`` names the first budget that would be exceeded. After the
-call, ``settle`` adds the difference between the actual figures and the reservation (negative when the
-answer cost less). Since counters include what is reserved, concurrent requests cannot together pass a
-limit: the last reservations that would not fit are refused.
+limits (the configured ones, and a virtual key's own ``budget_micros``: money per calendar month); else nothing
+is added and ``BudgetExceeded`` names the first budget that would be exceeded. After the call, ``settle`` adds
+the difference between the actual figures and the reservation (negative when the answer cost less). Since
+counters include what is reserved, concurrent requests cannot together pass a limit: the last reservations
+that would not fit are refused.
 
 Crossing a budget's ``alert_at`` share raises a soft alert once (a log line and a metric, from the instance
 whose request crossed it); every answer given past it carries ``x-atajo-budget-warning``.
@@ -30,6 +31,8 @@ log = logging.getLogger("atajo.budget")
 Unit = Literal["cost", "tokens"]
 KEEP_AFTER_WINDOW_S = 86_400
 """Counters outlive their window by a day, so a reservation settled just after midnight still finds its own."""
+KEY_ALERT_AT = 0.8
+"""The soft limit of a virtual key's own budget (``budget_micros``), as a configured budget's default."""
 
 
 class BudgetObserver(Protocol):
@@ -91,7 +94,9 @@ class Budgets:
     def __bool__(self) -> bool:
         return bool(self.limits)
 
-    def lines(self, tenant: str, key_name: str) -> list[_Line]:
+    def lines(self, tenant: str, key_name: str, key_budget_micros: int | None = None) -> list[_Line]:
+        """The counters a request is charged to: every configured budget that matches, then the key's own
+        budget (a virtual key's ``budget_micros``, money per calendar month, named ``key:<id>/month``)."""
         now = datetime.fromtimestamp(self.clock(), UTC)
         lines = []
         for limit in self.limits:
@@ -108,12 +113,18 @@ class Budgets:
                 cap = to_micros(amount) if unit == "cost" else int(amount)
                 key = f"{limit.label}|{subject}|{window}|{unit}"
                 lines.append(_Line(name, unit, key, cap, limit.alert_at, ends, limit.period))  # type: ignore[arg-type]
+        if key_budget_micros is not None:
+            window, ends = _window(now, "month")
+            key = f"virtual-key|{key_name}|{window}|cost"  # no configured budget's counter starts so
+            lines.append(_Line(f"key:{key_name}/month", "cost", key, key_budget_micros, KEY_ALERT_AT, ends, "month"))
         return lines
 
-    async def reserve(self, tenant: str, key_name: str, cost_micros: int, tokens: int) -> Hold | None:
+    async def reserve(
+        self, tenant: str, key_name: str, cost_micros: int, tokens: int, key_budget_micros: int | None = None
+    ) -> Hold | None:
         """Reserve, or raise ``BudgetExceeded``; None when no budget applies (or the store is down and
         ``on_store_error`` is ``allow``)."""
-        lines = self.lines(tenant, key_name)
+        lines = self.lines(tenant, key_name, key_budget_micros)
         if not lines:
             return None
         hold = Hold(lines, cost_micros, tokens)

@@ -15,7 +15,8 @@ class Principal:
     """Who is calling. ``key_name`` is the configured name of the key (a virtual key's id), never the secret.
 
     What a key carries beyond its tenant: the models it may use (None: all), its own limits and its tenant's
-    (None: the configured defaults), its cache policy and its trust setting."""
+    (None: the configured defaults), its cache policy, its trust setting and, for a virtual key, its own money
+    budget per calendar month in the catalog's currency micro-units (``budget_micros``; None: none)."""
 
     key_name: str
     tenant: str = "default"
@@ -25,6 +26,7 @@ class Principal:
     tenant_limits: RateLimit | None = None
     cache: CachePolicy | None = None
     trust: Trust = "auto"
+    budget_micros: int | None = None
 
 
 @dataclass(slots=True)

@@ -8,6 +8,10 @@ POST   /admin/keys/{id}/rotate      a new secret for the same key; the old one s
 POST   /admin/tenants               create a tenant or replace its limits
 GET    /admin/tenants[/{name}]      list, or one
 GET    /admin/limits                the adaptive multipliers and the limits in force
+
+A key's ``budget_micros`` is its money budget per calendar month (UTC), in millionths of the catalog's
+currency, enforced by the budget stage beside the configured budgets (429 ``budget_exceeded`` naming
+``key:<id>/month``).
 """
 
 from __future__ import annotations

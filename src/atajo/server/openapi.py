@@ -331,7 +331,13 @@ _KEY_REQUEST: JSONObject = {
         "name": {**_NAME},
         "models": {"type": "array", "maxItems": 256, "items": {"type": "string", "pattern": "^[!-~]{1,256}$"}},
         "limits": _LIMITS_IN,
-        "budget_micros": {"type": "integer", "minimum": 0, "maximum": 2**62},
+        "budget_micros": {
+            "type": "integer",
+            "minimum": 0,
+            "maximum": 2**62,
+            "description": "the key's money budget per calendar month (UTC), in millionths of the catalog's "
+            "currency; a request that would pass it gets 429 budget_exceeded",
+        },
         "cache": _CACHE_POLICY_IN,
         "trust": {"enum": ["auto", "trusted", "untrusted"]},
     },

@@ -1,6 +1,7 @@
 """Budget stage, the last before the provider: prices every upstream call, and holds it to the budgets.
 
-With budgets configured, it reserves the most the call may cost before making it (``budgets.reserve: max``:
+With budgets configured, or for a virtual key with its own ``budget_micros`` (money per calendar month), it
+reserves the most the call may cost before making it (``budgets.reserve: max``:
 input tokens counted, output up to ``max_tokens`` or the model's ``max_output``, on the dearest model of the
 fallback chain), or a typical answer's cost (``typical``); a request that would pass a budget gets 429
 ``budget_exceeded`` naming it. After the call the reservation is settled with the actual usage at catalog
@@ -36,7 +37,9 @@ class BudgetStage:
         *,
         bound: Literal["max", "typical"] = "max",
     ) -> None:
-        self.budgets = budgets if budgets else None
+        self.budgets = budgets
+        self.configured = bool(budgets)
+        """Budgets are configured (else only virtual keys with a ``budget_micros`` are held to one)."""
         self.counter = counter
         self.chain = chain
         """A model name → the catalog entries of the models its call may end up on (itself, its fallbacks)."""
@@ -45,7 +48,9 @@ class BudgetStage:
         self.bound = bound
 
     async def __call__(self, request: Request, ctx: RequestContext, call_next: Handler) -> Result:
-        hold = await self._reserve(request, ctx) if self.budgets is not None else None
+        principal = ctx.principal
+        budgeted = self.configured or (principal is not None and principal.budget_micros is not None)
+        hold = await self._reserve(request, ctx) if budgeted and self.budgets is not None else None
         try:
             result = await call_next(request, ctx)
         except BaseException:
@@ -69,7 +74,11 @@ class BudgetStage:
             tokens = max(tokens, estimate.input_tokens + estimate.output_tokens)
         principal = ctx.principal
         hold = await self.budgets.reserve(
-            principal.tenant if principal else "default", principal.key_name if principal else "anonymous", cost, tokens
+            principal.tenant if principal else "default",
+            principal.key_name if principal else "anonymous",
+            cost,
+            tokens,
+            principal.budget_micros if principal else None,
         )
         if hold is not None and hold.warnings:
             ctx.extra_headers = {**(ctx.extra_headers or {}), "x-atajo-budget-warning": "; ".join(hold.warnings)}
