@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from atajo.core.sqlite import prepare
+from atajo.core.sqlite import PostgresSession, SqliteSession, prepare, run_ops, sqlite_path
 from atajo.errors import ServiceUnavailable
 from atajo.types import JSONObject
 
@@ -160,7 +159,7 @@ class BatchStore:
         scheme = scheme.lower()
         if scheme == "sqlite" and sep:
             self.postgres = False
-            self.database = _sqlite_path(rest)
+            self.database = sqlite_path(rest, "batches.url")
         elif scheme in ("postgresql", "postgres") and sep:
             self.postgres = True
             self.database = url
@@ -559,38 +558,7 @@ def _item(row: Sequence[Any]) -> Item:
     )
 
 
-def _sqlite_path(rest: str) -> str:
-    if rest in (":memory:", "/:memory:"):
-        return ":memory:"
-    if not rest.startswith("/") or rest == "/":
-        raise ValueError("batches.url: an SQLite URL is sqlite:///relative/path.db or sqlite:////absolute/path.db")
-    return os.path.expanduser(rest[1:])
-
-
 # --- the two databases --------------------------------------------------------------------------------
-
-
-class _SqliteSession:
-    def __init__(self, conn: Any) -> None:
-        self._conn = conn
-
-    async def execute(self, statement: str, *args: object) -> None:
-        await self._conn.execute(statement, args)
-
-    async def fetch(self, statement: str, *args: object) -> list[Sequence[Any]]:
-        async with self._conn.execute(statement, args) as cursor:
-            return list(await cursor.fetchall())
-
-
-def _run_ops(conn: sqlite3.Connection, ops: Sequence[tuple[str, tuple[object, ...]]]) -> None:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        for statement, args in ops:
-            conn.execute(statement, args)
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
 
 
 class _Sqlite:
@@ -622,7 +590,7 @@ class _Sqlite:
     async def session(self) -> AsyncIterator[_Session]:
         async with self._lock:
             await self._settle()
-            yield _SqliteSession(self._conn)
+            yield SqliteSession(self._conn)
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[_Session]:
@@ -630,7 +598,7 @@ class _Sqlite:
             await self._settle()
             await self._conn.execute("BEGIN IMMEDIATE")
             try:
-                yield _SqliteSession(self._conn)
+                yield SqliteSession(self._conn)
             except BaseException:
                 if self._conn.in_transaction:
                     await self._conn.execute("ROLLBACK")
@@ -642,7 +610,7 @@ class _Sqlite:
         ``_execute`` is the call aiosqlite's own methods use to run a function there."""
         async with self._lock:
             await self._settle()
-            await self._conn._execute(_run_ops, self._conn._conn, ops)
+            await self._conn._execute(run_ops, self._conn._conn, ops)
 
     async def _settle(self) -> None:
         if self._conn.in_transaction:
@@ -650,17 +618,6 @@ class _Sqlite:
 
     async def close(self) -> None:
         await self._conn.close()
-
-
-class _PostgresSession:
-    def __init__(self, conn: Any) -> None:
-        self._conn = conn
-
-    async def execute(self, statement: str, *args: object) -> None:
-        await self._conn.execute(statement, *args)
-
-    async def fetch(self, statement: str, *args: object) -> list[Sequence[Any]]:
-        return list(await self._conn.fetch(statement, *args))
 
 
 class _Postgres:
@@ -686,12 +643,12 @@ class _Postgres:
     @contextlib.asynccontextmanager
     async def session(self) -> AsyncIterator[_Session]:
         async with self._pool.acquire() as conn:
-            yield _PostgresSession(conn)
+            yield PostgresSession(conn)
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[_Session]:
         async with self._pool.acquire() as conn, conn.transaction():
-            yield _PostgresSession(conn)
+            yield PostgresSession(conn)
 
     async def write_batch(self, ops: Sequence[tuple[str, tuple[object, ...]]]) -> None:
         async with self.transaction() as tx:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
 import sqlite3
 import time
@@ -31,7 +30,7 @@ import orjson
 
 from atajo.cache.backends import redact_url
 from atajo.cache.entry import Clock, Entry, Selector, TierStats
-from atajo.core.sqlite import prepare
+from atajo.core.sqlite import PostgresSession, SqliteSession, prepare, run_ops, sqlite_path
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,39}$")
 SQLITE_BUSY_TIMEOUT_S = 0.5
@@ -133,7 +132,7 @@ class SqlBackend:
         """The SQLite file (or ``:memory:``); for PostgreSQL, the URL without credentials."""
         if scheme == "sqlite" and sep:
             self.dialect = SQLITE
-            self.database = _sqlite_path(rest)
+            self.database = sqlite_path(rest)
         elif scheme in ("postgresql", "postgres") and sep:
             self.dialect = POSTGRES
             self.database = redact_url(url)
@@ -325,41 +324,7 @@ class SqlBackend:
         return sum(1 for row in gone if row[1] > now) if live_only else len(gone)
 
 
-def _sqlite_path(rest: str) -> str:
-    """``sqlite:///rel.db`` → ``rel.db``, ``sqlite:////abs.db`` → ``/abs.db``, ``sqlite:///~/x.db`` → home,
-    ``sqlite://:memory:`` (or ``sqlite:///:memory:``) → ``:memory:``."""
-    if rest in (":memory:", "/:memory:"):
-        return ":memory:"
-    if not rest.startswith("/") or rest == "/":
-        raise ValueError("an SQLite URL is sqlite:///relative/path.db or sqlite:////absolute/path.db")
-    return os.path.expanduser(rest[1:])
-
-
 # --- the two databases --------------------------------------------------------------------------------
-
-
-class _SqliteSession:
-    def __init__(self, conn: Any) -> None:
-        self._conn = conn
-
-    async def execute(self, statement: str, *args: object) -> None:
-        await self._conn.execute(statement, args)
-
-    async def fetch(self, statement: str, *args: object) -> list[Sequence[Any]]:
-        async with self._conn.execute(statement, args) as cursor:
-            return list(await cursor.fetchall())
-
-
-def _run_ops(conn: sqlite3.Connection, ops: Sequence[tuple[str, tuple[object, ...]]]) -> None:
-    """In aiosqlite's thread: the statements of one write transaction."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        for statement, args in ops:
-            conn.execute(statement, args)
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
 
 
 class _DirectSession:
@@ -424,7 +389,7 @@ class _Sqlite:
     async def session(self) -> AsyncIterator[_Session]:
         async with self._lock:
             await self._settle()
-            yield _SqliteSession(self._conn)
+            yield SqliteSession(self._conn)
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[_Session]:
@@ -432,7 +397,7 @@ class _Sqlite:
             await self._settle()
             await self._conn.execute("BEGIN IMMEDIATE")
             try:
-                yield _SqliteSession(self._conn)
+                yield SqliteSession(self._conn)
             except BaseException:
                 if self._conn.in_transaction:
                     await self._conn.execute("ROLLBACK")
@@ -445,7 +410,7 @@ class _Sqlite:
         for running a function in its thread; ``_execute`` is the one its own methods use."""
         async with self._lock:
             await self._settle()
-            await self._conn._execute(_run_ops, self._conn._conn, ops)
+            await self._conn._execute(run_ops, self._conn._conn, ops)
 
     async def _settle(self) -> None:
         """Roll back what a cancelled call left open (its statements still ran, in aiosqlite's thread), so
@@ -457,17 +422,6 @@ class _Sqlite:
         if self._reader is not None:
             self._reader.close()
         await self._conn.close()
-
-
-class _PostgresSession:
-    def __init__(self, conn: Any) -> None:
-        self._conn = conn
-
-    async def execute(self, statement: str, *args: object) -> None:
-        await self._conn.execute(statement, *args)
-
-    async def fetch(self, statement: str, *args: object) -> list[Sequence[Any]]:
-        return list(await self._conn.fetch(statement, *args))
 
 
 class _Postgres:
@@ -501,7 +455,7 @@ class _Postgres:
     @contextlib.asynccontextmanager
     async def session(self) -> AsyncIterator[_Session]:
         async with self._pool.acquire() as conn:
-            yield _PostgresSession(conn)
+            yield PostgresSession(conn)
 
     async def write_batch(self, ops: Sequence[tuple[str, tuple[object, ...]]]) -> None:
         async with self.transaction() as tx:
@@ -514,7 +468,7 @@ class _Postgres:
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[_Session]:
         async with self._pool.acquire() as conn, conn.transaction():
-            yield _PostgresSession(conn)
+            yield PostgresSession(conn)
 
     async def close(self) -> None:
         await self._pool.close()
