@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from atajo.core.sqlite import prepare
+from atajo.core.sqlite import PostgresDatabase, SqliteDatabase
 from atajo.settings import CachePolicy, RateLimit, Trust
 
 Clock = Callable[[], float]
@@ -130,7 +130,7 @@ class KeyStore:
         self.url = url
         self.clock = clock
         self.prefix = p = table_prefix
-        self._db: _Sqlite | _Postgres | None = None
+        self._db: SqliteDatabase | PostgresDatabase | None = None
         self._opening = asyncio.Lock()
         key_columns = "k.id, k.digest, k.tenant, k.name, k.hint, k.config, k.created_at, k.rotated_at, k.revoked_at"
         self._key_columns = key_columns
@@ -183,7 +183,7 @@ class KeyStore:
         if db is not None:
             await db.close()
 
-    async def _open(self) -> _Sqlite | _Postgres:
+    async def _open(self) -> SqliteDatabase | PostgresDatabase:
         if self._db is not None:
             return self._db
         async with self._opening:
@@ -191,9 +191,15 @@ class KeyStore:
                 try:
                     if self.kind == "sqlite":
                         schema = _schema(self.prefix, "INTEGER PRIMARY KEY AUTOINCREMENT")
-                        self._db = await _Sqlite.open(self.path, schema)
+                        self._db = await SqliteDatabase.open(self.path, schema, busy_timeout_s=SQLITE_BUSY_TIMEOUT_S)
                     else:
-                        self._db = await _Postgres.open(self.url, _schema(self.prefix, "BIGSERIAL PRIMARY KEY"))
+                        self._db = await PostgresDatabase.open(
+                            self.url,
+                            _schema(self.prefix, "BIGSERIAL PRIMARY KEY"),
+                            max_size=5,
+                            timeout=5.0,
+                            command_timeout=10.0,
+                        )
                 except Exception as exc:
                     raise KeyStoreError(f"cannot open the key store ({type(exc).__name__})") from exc
             return self._db
@@ -344,95 +350,3 @@ def _sqlite_path(rest: str) -> str:
         return ":memory:"
     path = rest[1:] if rest.startswith("/") else rest
     return str(Path(path).expanduser()) if path.startswith("~") else path
-
-
-class _ConnSession:
-    """A session on one connection (aiosqlite's or asyncpg's): execute and fetch with the dialect's args."""
-
-    def __init__(self, conn: Any, sqlite: bool) -> None:
-        self._conn = conn
-        self._sqlite = sqlite
-
-    async def execute(self, statement: str, *args: object) -> None:
-        if self._sqlite:
-            await self._conn.execute(statement, args)
-        else:
-            await self._conn.execute(statement, *args)
-
-    async def fetch(self, statement: str, *args: object) -> list[Sequence[Any]]:
-        if self._sqlite:
-            async with self._conn.execute(statement, args) as cursor:
-                return list(await cursor.fetchall())
-        return list(await self._conn.fetch(statement, *args))
-
-
-class _Sqlite:
-    """One aiosqlite connection in autocommit mode; each call is one explicit transaction, serialized."""
-
-    def __init__(self, conn: Any) -> None:
-        self._conn = conn
-        self._lock = asyncio.Lock()
-
-    @classmethod
-    async def open(cls, path: str, schema: Sequence[str]) -> _Sqlite:
-        import aiosqlite
-
-        if path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        conn = await aiosqlite.connect(path, isolation_level=None)
-        try:
-            await prepare(conn, SQLITE_BUSY_TIMEOUT_S)
-            db = cls(conn)
-            async with db.transaction() as tx:
-                for statement in schema:
-                    await tx.execute(statement)
-        except BaseException:
-            await conn.close()
-            raise
-        return db
-
-    @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[_Session]:
-        async with self._lock:
-            if self._conn.in_transaction:  # what a cancelled call left open
-                await self._conn.execute("ROLLBACK")
-            await self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield _ConnSession(self._conn, sqlite=True)
-            except BaseException:
-                if self._conn.in_transaction:
-                    await self._conn.execute("ROLLBACK")
-                raise
-            await self._conn.execute("COMMIT")
-
-    async def close(self) -> None:
-        await self._conn.close()
-
-
-class _Postgres:
-    def __init__(self, pool: Any) -> None:
-        self._pool = pool
-
-    @classmethod
-    async def open(cls, url: str, schema: Sequence[str]) -> _Postgres:
-        import asyncpg
-
-        pool = await asyncpg.create_pool(url, min_size=1, max_size=5, timeout=5.0, command_timeout=10.0)
-        try:
-            db = cls(pool)
-            async with db.transaction() as tx:
-                await tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", schema[0])
-                for statement in schema:
-                    await tx.execute(statement)
-        except BaseException:
-            await pool.close()
-            raise
-        return db
-
-    @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[_Session]:
-        async with self._pool.acquire() as conn, conn.transaction():
-            yield _ConnSession(conn, sqlite=False)
-
-    async def close(self) -> None:
-        await self._pool.close()

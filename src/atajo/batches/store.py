@@ -14,16 +14,14 @@ handling are this module's own. Every read that a client can cause is scoped by 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
 
-from atajo.core.sqlite import PostgresSession, SqliteSession, prepare, run_ops, sqlite_path
+from atajo.core.sqlite import PostgresDatabase, SqliteDatabase, sqlite_path
 from atajo.errors import ServiceUnavailable
 from atajo.types import JSONObject
 
@@ -167,7 +165,7 @@ class BatchStore:
             raise ValueError("batches.url: not an sqlite:// or postgresql:// URL")
         self._url = url
         self._pool_size = pool_size
-        self._db: _Sqlite | _Postgres | None = None
+        self._db: SqliteDatabase | PostgresDatabase | None = None
         self._opening = asyncio.Lock()
         self.p = table_prefix
 
@@ -180,7 +178,7 @@ class BatchStore:
     async def start(self) -> None:
         await self._open()
 
-    async def _open(self) -> _Sqlite | _Postgres:
+    async def _open(self) -> SqliteDatabase | PostgresDatabase:
         """The database, connected and with its tables; opened at first use (again after a failure), so a
         database that is down at start-up delays the batch endpoints (503) rather than the gateway."""
         if self._db is not None:
@@ -190,10 +188,14 @@ class BatchStore:
                 try:
                     if self.postgres:
                         schema = _schema(self.p, "BYTEA", "BIGSERIAL PRIMARY KEY")
-                        self._db = await _Postgres.open(self._url, schema, self._pool_size)
+                        self._db = await PostgresDatabase.open(
+                            self._url, schema, max_size=self._pool_size, command_timeout=60.0
+                        )
                     else:
                         schema = _schema(self.p, "BLOB", "INTEGER PRIMARY KEY AUTOINCREMENT")
-                        self._db = await _Sqlite.open(self.database, schema)
+                        self._db = await SqliteDatabase.open(
+                            self.database, schema, busy_timeout_s=SQLITE_BUSY_TIMEOUT_S
+                        )
                 except (OSError, sqlite3.Error) as exc:
                     raise ServiceUnavailable(f"The batch store is unavailable ({type(exc).__name__}).") from exc
                 except Exception as exc:  # asyncpg's errors (connection refused, auth) have no common base here
@@ -559,101 +561,3 @@ def _item(row: Sequence[Any]) -> Item:
 
 
 # --- the two databases --------------------------------------------------------------------------------
-
-
-class _Sqlite:
-    """One aiosqlite connection in autocommit mode; explicit transactions; calls serialized by a lock."""
-
-    def __init__(self, conn: Any) -> None:
-        self._conn = conn
-        self._lock = asyncio.Lock()
-
-    @classmethod
-    async def open(cls, path: str, schema: Sequence[str]) -> _Sqlite:
-        import aiosqlite
-
-        if path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        conn = await aiosqlite.connect(path, isolation_level=None)
-        try:
-            await prepare(conn, SQLITE_BUSY_TIMEOUT_S)
-            db = cls(conn)
-            async with db.transaction() as tx:
-                for statement in schema:
-                    await tx.execute(statement)
-        except BaseException:
-            await conn.close()
-            raise
-        return db
-
-    @contextlib.asynccontextmanager
-    async def session(self) -> AsyncIterator[_Session]:
-        async with self._lock:
-            await self._settle()
-            yield SqliteSession(self._conn)
-
-    @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[_Session]:
-        async with self._lock:
-            await self._settle()
-            await self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield SqliteSession(self._conn)
-            except BaseException:
-                if self._conn.in_transaction:
-                    await self._conn.execute("ROLLBACK")
-                raise
-            await self._conn.execute("COMMIT")
-
-    async def write_batch(self, ops: Sequence[tuple[str, tuple[object, ...]]]) -> None:
-        """``ops`` in one transaction and one trip to aiosqlite's thread (a batch may have 50,000 lines);
-        ``_execute`` is the call aiosqlite's own methods use to run a function there."""
-        async with self._lock:
-            await self._settle()
-            await self._conn._execute(run_ops, self._conn._conn, ops)
-
-    async def _settle(self) -> None:
-        if self._conn.in_transaction:
-            await self._conn.execute("ROLLBACK")
-
-    async def close(self) -> None:
-        await self._conn.close()
-
-
-class _Postgres:
-    def __init__(self, pool: Any) -> None:
-        self._pool = pool
-
-    @classmethod
-    async def open(cls, url: str, schema: Sequence[str], pool_size: int) -> _Postgres:
-        import asyncpg
-
-        pool = await asyncpg.create_pool(url, min_size=1, max_size=pool_size, command_timeout=60.0)
-        try:
-            db = cls(pool)
-            async with db.transaction() as tx:
-                await tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", schema[0])
-                for statement in schema:
-                    await tx.execute(statement)
-        except BaseException:
-            await pool.close()
-            raise
-        return db
-
-    @contextlib.asynccontextmanager
-    async def session(self) -> AsyncIterator[_Session]:
-        async with self._pool.acquire() as conn:
-            yield PostgresSession(conn)
-
-    @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[_Session]:
-        async with self._pool.acquire() as conn, conn.transaction():
-            yield PostgresSession(conn)
-
-    async def write_batch(self, ops: Sequence[tuple[str, tuple[object, ...]]]) -> None:
-        async with self.transaction() as tx:
-            for statement, args in ops:
-                await tx.execute(statement, *args)
-
-    async def close(self) -> None:
-        await self._pool.close()

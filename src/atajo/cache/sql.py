@@ -17,20 +17,17 @@ the tables are created under an advisory lock so instances starting together do 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
-import sqlite3
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
 
 from atajo.cache.backends import redact_url
 from atajo.cache.entry import Clock, Entry, Selector, TierStats
-from atajo.core.sqlite import PostgresSession, SqliteSession, prepare, run_ops, sqlite_path
+from atajo.core.sqlite import PostgresDatabase, SqliteDatabase, sqlite_path
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,39}$")
 SQLITE_BUSY_TIMEOUT_S = 0.5
@@ -138,7 +135,7 @@ class SqlBackend:
             self.database = redact_url(url)
         else:
             raise ValueError("not an sqlite:// or postgresql:// URL")
-        self._db: _Sqlite | _Postgres | None = None
+        self._db: SqliteDatabase | PostgresDatabase | None = None
         self._opening = asyncio.Lock()
         p = table_prefix
         d = self.dialect
@@ -188,7 +185,7 @@ class SqlBackend:
         async with (await self._open()).session() as s:
             await s.fetch("SELECT 1")
 
-    async def _open(self) -> _Sqlite | _Postgres:
+    async def _open(self) -> SqliteDatabase | PostgresDatabase:
         """The database, connected and with its tables (again after a failed start: it recovers)."""
         if self._db is not None:
             return self._db
@@ -196,9 +193,20 @@ class SqlBackend:
             if self._db is None:
                 schema = _schema(self.table_prefix, self.dialect.blob, self.dialect.serial)
                 if self.dialect is SQLITE:
-                    self._db = await _Sqlite.open(self.database, schema)
+                    self._db = await SqliteDatabase.open(
+                        self.database, schema, reader=True, busy_timeout_s=SQLITE_BUSY_TIMEOUT_S
+                    )
                 else:
-                    self._db = await _Postgres.open(self._url, schema, self.timeout_s, self.pool_size)
+                    self._db = await PostgresDatabase.open(
+                        self._url,
+                        schema,
+                        max_size=self.pool_size,
+                        timeout=max(self.timeout_s, 1.0),
+                        command_timeout=60.0,
+                        # a cache: a crash may lose the last moments of writes (never consistency), commits
+                        # need no flush
+                        server_settings={"synchronous_commit": "off"},
+                    )
             return self._db
 
     # --- reads and writes -------------------------------------------------------------------------
@@ -325,150 +333,3 @@ class SqlBackend:
 
 
 # --- the two databases --------------------------------------------------------------------------------
-
-
-class _DirectSession:
-    """Reads on the calling thread (the event loop): see ``_Sqlite``."""
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self._conn = conn
-
-    async def execute(self, statement: str, *args: object) -> None:
-        raise RuntimeError("the direct session only reads")
-
-    async def fetch(self, statement: str, *args: object) -> list[Sequence[Any]]:
-        return self._conn.execute(statement, args).fetchall()
-
-
-class _Sqlite:
-    """One aiosqlite connection in autocommit mode for writes, whose transactions are explicit (BEGIN
-    IMMEDIATE), and a plain ``sqlite3`` connection for lookups, used on the event loop itself.
-
-    A lookup is a primary-key read of a local file that WAL mode never makes wait for the writer: it takes
-    tens of microseconds, less than the two thread hand-offs of going through aiosqlite's thread, which
-    were most of an SQLite hit's cost (measured in docs/benchmarks.md).
-    """
-
-    def __init__(self, conn: Any, reader: sqlite3.Connection | None = None) -> None:
-        self._conn = conn
-        self._reader = reader
-        self._lock = asyncio.Lock()
-
-    @classmethod
-    async def open(cls, path: str, schema: Sequence[str]) -> _Sqlite:
-        import aiosqlite
-
-        if path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        conn = await aiosqlite.connect(path, isolation_level=None)
-        try:
-            await prepare(conn, SQLITE_BUSY_TIMEOUT_S)
-            await conn.execute("PRAGMA synchronous=NORMAL")  # a cache: durable enough, and cheaper commits
-            db = cls(conn)
-            async with db.transaction() as tx:
-                for statement in schema:
-                    await tx.execute(statement)
-            if path != ":memory:":  # a second connection to :memory: would be another database
-                reader = sqlite3.connect(path, isolation_level=None)
-                reader.execute("PRAGMA query_only=ON")
-                db._reader = reader
-        except BaseException:
-            await conn.close()
-            raise
-        return db
-
-    @contextlib.asynccontextmanager
-    async def read_session(self) -> AsyncIterator[_Session]:
-        if self._reader is None:
-            async with self.session() as s:
-                yield s
-        else:
-            yield _DirectSession(self._reader)
-
-    @contextlib.asynccontextmanager
-    async def session(self) -> AsyncIterator[_Session]:
-        async with self._lock:
-            await self._settle()
-            yield SqliteSession(self._conn)
-
-    @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[_Session]:
-        async with self._lock:
-            await self._settle()
-            await self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield SqliteSession(self._conn)
-            except BaseException:
-                if self._conn.in_transaction:
-                    await self._conn.execute("ROLLBACK")
-                raise
-            await self._conn.execute("COMMIT")
-
-    async def write_batch(self, ops: Sequence[tuple[str, tuple[object, ...]]]) -> None:
-        """``ops`` in one transaction, in ONE trip to aiosqlite's thread rather than one per statement (each
-        trip costs a thread hand-off both ways; measured in docs/benchmarks.md). aiosqlite has no public call
-        for running a function in its thread; ``_execute`` is the one its own methods use."""
-        async with self._lock:
-            await self._settle()
-            await self._conn._execute(run_ops, self._conn._conn, ops)
-
-    async def _settle(self) -> None:
-        """Roll back what a cancelled call left open (its statements still ran, in aiosqlite's thread), so
-        the file's write lock is not held and the next BEGIN does not fail."""
-        if self._conn.in_transaction:
-            await self._conn.execute("ROLLBACK")
-
-    async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.close()
-        await self._conn.close()
-
-
-class _Postgres:
-    def __init__(self, pool: Any) -> None:
-        self._pool = pool
-
-    @classmethod
-    async def open(cls, url: str, schema: Sequence[str], timeout_s: float, pool_size: int) -> _Postgres:
-        import asyncpg
-
-        pool = await asyncpg.create_pool(
-            url,
-            min_size=1,
-            max_size=pool_size,
-            timeout=max(timeout_s, 1.0),
-            command_timeout=60.0,
-            # a cache: a crash may lose the last moments of writes (never consistency), commits need no flush
-            server_settings={"synchronous_commit": "off"},
-        )
-        try:
-            db = cls(pool)
-            async with db.transaction() as tx:
-                await tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", schema[0])
-                for statement in schema:
-                    await tx.execute(statement)
-        except BaseException:
-            await pool.close()
-            raise
-        return db
-
-    @contextlib.asynccontextmanager
-    async def session(self) -> AsyncIterator[_Session]:
-        async with self._pool.acquire() as conn:
-            yield PostgresSession(conn)
-
-    async def write_batch(self, ops: Sequence[tuple[str, tuple[object, ...]]]) -> None:
-        async with self.transaction() as tx:
-            for statement, args in ops:
-                await tx.execute(statement, *args)
-
-    def read_session(self) -> contextlib.AbstractAsyncContextManager[_Session]:
-        return self.session()
-
-    @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[_Session]:
-        async with self._pool.acquire() as conn, conn.transaction():
-            yield PostgresSession(conn)
-
-    async def close(self) -> None:
-        await self._pool.close()
