@@ -7,14 +7,12 @@ They go through the gateway rather than to the tiers directly, so a running inst
 from __future__ import annotations
 
 import json
-import sys
-import urllib.error
-import urllib.request
 from typing import Any
 
 import click
 
-URL_HELP = "Gateway base URL (env ATAJO_URL)."
+from atajo.cli.gateway_api import call, options
+
 KEY_HELP = "API key: the master key for stats and flush, any key to invalidate its tenant (env ATAJO_MASTER_KEY)."
 
 
@@ -23,39 +21,12 @@ def cache() -> None:
     """Inspect and invalidate a running gateway's cache."""
 
 
-def _options(f: Any) -> Any:
-    f = click.option("--url", envvar="ATAJO_URL", default="http://127.0.0.1:4000", show_default=True, help=URL_HELP)(f)
-    return click.option("--key", envvar="ATAJO_MASTER_KEY", default="", help=KEY_HELP)(f)
-
-
-def _call(url: str, key: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url.rstrip("/") + path, data=data, method="GET" if body is None else "POST")
-    request.add_header("content-type", "application/json")
-    if key:
-        request.add_header("authorization", f"Bearer {key}")
-    try:
-        with urllib.request.urlopen(request, timeout=30) as resp:
-            answer: dict[str, Any] = json.loads(resp.read())
-            return answer
-    except urllib.error.HTTPError as exc:
-        try:
-            message = json.loads(exc.read())["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = exc.reason
-        click.echo(f"error: {exc.code} {message}", err=True)
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        click.echo(f"error: cannot reach the gateway at {url}: {reason}", err=True)
-    sys.exit(1)
-
-
 @cache.command()
-@_options
+@options(KEY_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON answer.")
 def stats(url: str, key: str, as_json: bool) -> None:
     """Entries, bytes and evictions per tier."""
-    answer = _call(url, key, "/v1/cache/stats")
+    answer = call(url, key, "GET", "/v1/cache/stats")
     if as_json:
         click.echo(json.dumps(answer, indent=2))
         return
@@ -69,7 +40,7 @@ def stats(url: str, key: str, as_json: bool) -> None:
 
 
 @cache.command()
-@_options
+@options(KEY_HELP)
 @click.option("--tag", "tags", multiple=True, help="A dependency tag (repeatable); dependents go too.")
 @click.option("--namespace", help="Only entries of this namespace (alone: all of them).")
 @click.option("--key-prefix", help="Only entries whose key (as in x-atajo-cache-key) starts with this.")
@@ -82,17 +53,17 @@ def invalidate(
     for name, value in (("namespace", namespace), ("key_prefix", key_prefix), ("tenant", tenant)):
         if value is not None:
             body[name] = value
-    answer = _call(url, key, "/v1/cache/invalidate", body)
+    answer = call(url, key, "POST", "/v1/cache/invalidate", body)
     tiers = ", ".join(f"{name} {n}" for name, n in answer["tiers"].items())
     click.echo(f"dropped {answer['dropped']} entries ({tiers}); tags: {', '.join(answer['tags']) or '-'}")
 
 
 @cache.command()
-@_options
+@options(KEY_HELP)
 @click.option("--tenant", help="Only this tenant's entries (default: every tenant).")
 @click.confirmation_option(prompt="Drop every cached answer?")
 def flush(url: str, key: str, tenant: str | None) -> None:
     """Drop every entry (of one tenant, or all), in every tier. Master key only."""
-    answer = _call(url, key, "/v1/cache/flush", {"tenant": tenant} if tenant else {})
+    answer = call(url, key, "POST", "/v1/cache/flush", {"tenant": tenant} if tenant else {})
     tiers = ", ".join(f"{name} {n}" for name, n in answer["tiers"].items())
     click.echo(f"dropped {answer['dropped']} entries ({tiers})")

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import math
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Protocol
 
 from atajo.core.deployments import Deployment
@@ -162,10 +163,20 @@ class GuardedProvider:
         return cap
 
     async def chat(self, request: ChatRequest, deployment: Deployment, upstream_model: str) -> Completion:
-        cap = await self._slot(deployment)
+        return await self._guarded(deployment, self.provider.chat(request, deployment, upstream_model))
+
+    async def _guarded(self, deployment: Deployment, call: Awaitable[Completion]) -> Completion:
+        """``call`` in one of the deployment's slots, its outcome told to the cap. The call is created before
+        the slot is taken but only runs once it is awaited (it is a coroutine)."""
+        try:
+            cap = await self._slot(deployment)
+        except BaseException:
+            if inspect.iscoroutine(call):
+                call.close()  # never awaited: close it, or Python warns
+            raise
         outcome = "other"
         try:
-            result = await self.provider.chat(request, deployment, upstream_model)
+            result = await call
             outcome = "ok"
             return result
         except UpstreamError as err:
@@ -193,14 +204,4 @@ class GuardedProvider:
             cap.release(outcome)
 
     async def embeddings(self, request: EmbeddingsRequest, deployment: Deployment, upstream_model: str) -> Completion:
-        cap = await self._slot(deployment)
-        outcome = "other"
-        try:
-            result = await self.provider.embeddings(request, deployment, upstream_model)
-            outcome = "ok"
-            return result
-        except UpstreamError as err:
-            outcome = "distress" if distress(err) else "other"
-            raise
-        finally:
-            cap.release(outcome)
+        return await self._guarded(deployment, self.provider.embeddings(request, deployment, upstream_model))
