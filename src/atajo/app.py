@@ -187,7 +187,8 @@ def build_services(
         concurrency = ConcurrencyBoard(settings.limits.concurrency, clock)
         providers = {name: GuardedProvider(p, concurrency) for name, p in providers.items()}
     upstream = UpstreamStage(table, providers, breakers, RetryPolicy.from_settings(settings.retry), metrics, sleep)
-    route = build_route(settings, table, catalog, breakers, metrics)
+    counter = TokenCounter(catalog)  # one set of tokenizer vocabularies, for routing and budgets
+    route = build_route(settings, table, catalog, breakers, metrics, counter)
     ledger: Ledger | None = None
     if settings.ledger.enabled:
         ledger = Ledger(
@@ -250,9 +251,7 @@ def build_services(
     stages.append(route)
     budgets = build_budgets(settings, metrics, catalog.currency, wall_clock)
     stages.append(
-        BudgetStage(
-            budgets, TokenCounter(catalog), chain_pricer(table, catalog), catalog.get, bound=settings.budgets.reserve
-        )
+        BudgetStage(budgets, counter, chain_pricer(table, catalog), catalog.get, bound=settings.budgets.reserve)
     )
     pipeline = build_pipeline(stages, upstream)
     routed_names = sorted(settings.routing.models)
@@ -462,12 +461,16 @@ def build_budgets(
 
 
 def build_route(
-    settings: Settings, table: ModelTable, catalog: Catalog, breakers: BreakerBoard, metrics: GatewayMetrics
+    settings: Settings,
+    table: ModelTable,
+    catalog: Catalog,
+    breakers: BreakerBoard,
+    metrics: GatewayMetrics,
+    counter: TokenCounter,
 ) -> RouteStage:
     """One selector per routed name, over its candidates (configured chat models the catalog prices)."""
     routing = settings.routing
     price = pricer(table, catalog)
-    counter = TokenCounter(catalog)
     complexity = ComplexityModel.load()
 
     def healthy(candidate: Candidate) -> bool:

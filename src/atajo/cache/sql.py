@@ -21,7 +21,7 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 
@@ -94,14 +94,6 @@ POSTGRES = _Dialect(
 )
 INVALIDATION_LOG_KEEP_S = 3600.0
 """Invalidation log rows older than this are pruned: an instance away longer flushes its memory tier."""
-
-
-class _Session(Protocol):
-    """One connection, inside or outside a transaction; statements use ``?`` placeholders."""
-
-    async def execute(self, statement: str, *args: object) -> None: ...
-
-    async def fetch(self, statement: str, *args: object) -> list[Sequence[Any]]: ...
 
 
 class SqlBackend:

@@ -8,9 +8,10 @@ tool-call arguments in pieces, a finish chunk per choice and, when asked for, th
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncGenerator, Iterable, Iterator
 from typing import Any
 
+from atajo.core.results import ChunkStream, Usage
 from atajo.types import JSONObject
 
 COMPLETE_FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "function_call"})
@@ -235,3 +236,13 @@ def _apportion(total: int, weights: list[int]) -> list[int]:
     for i in sorted(range(len(exact)), key=lambda i: exact[i] - parts[i], reverse=True)[: total - sum(parts)]:
         parts[i] += 1
     return parts
+
+
+def replay(body: JSONObject, include_usage: bool, usage: Usage | None) -> ChunkStream:
+    """A whole chat completion delivered as a stream (a cache hit, or a streaming follower of a whole answer)."""
+    return ChunkStream(_yield_all(chunks_from_completion(body, include_usage)), usage)
+
+
+async def _yield_all(chunks: list[JSONObject]) -> AsyncGenerator[JSONObject, None]:
+    for chunk in chunks:
+        yield chunk

@@ -27,13 +27,18 @@ from atajo.cache.entry import Entry
 from atajo.cache.service import CacheService
 from atajo.cache.tags import MAX_TAGS, valid_tag
 from atajo.cache.tiers import Fill
-from atajo.core.answers import chunks_from_completion, completion_from_chunks, is_complete_chat, is_complete_embeddings
+from atajo.core.answers import (
+    completion_from_chunks,
+    is_complete_chat,
+    is_complete_embeddings,
+    replay,
+)
 from atajo.core.cache_key import cache_key, semantic_query
 from atajo.core.catalog import Catalog
 from atajo.core.context import RequestContext
 from atajo.core.pipeline import Handler
 from atajo.core.requests import Request
-from atajo.core.results import ChunkStream, Completion, Result, Usage
+from atajo.core.results import Completion, Result, Usage
 from atajo.errors import AllAttemptsFailed, InvalidRequest, UpstreamError, UpstreamRejected
 from atajo.observe.metrics import GatewayMetrics
 from atajo.settings import NAME_PATTERN, CachePolicy, CacheSettings
@@ -339,13 +344,8 @@ class CacheStage:
             self.metrics.cache_saved.labels(self.metrics.model_label(request.model)).inc(info.cost_micros(usage))
         if request.stream and not whole:
             include_usage = bool(getattr(request, "include_usage", False))
-            return ChunkStream(_replay(chunks_from_completion(orjson.loads(raw), include_usage)), usage)
+            return replay(orjson.loads(raw), include_usage, usage)
         return Completion(usage=usage, raw=raw)
-
-
-async def _replay(chunks: list[JSONObject]) -> AsyncGenerator[JSONObject, None]:
-    for chunk in chunks:
-        yield chunk
 
 
 class _Pending:

@@ -38,7 +38,7 @@ import orjson
 from atajo.coalesce.batcher import MicroBatcher
 from atajo.coalesce.lease import Claim, RedisLease
 from atajo.coalesce.singleflight import Feed, SingleFlight, Subscription
-from atajo.core.answers import chunks_from_completion, completion_from_chunks, split_embeddings
+from atajo.core.answers import completion_from_chunks, replay, split_embeddings
 from atajo.core.context import RequestContext
 from atajo.core.pipeline import Handler
 from atajo.core.requests import EmbeddingsRequest, Request
@@ -170,7 +170,7 @@ class CoalesceStage:
         usage = _copy_usage(head.usage) or Usage.from_openai(body.get("usage"))
         if request.stream:
             include_usage = bool(getattr(request, "include_usage", False))
-            return ChunkStream(_replay(chunks_from_completion(body, include_usage)), usage)
+            return replay(body, include_usage, usage)
         return Completion(body, usage)
 
     # --- the shared call --------------------------------------------------------------------------
@@ -250,7 +250,7 @@ class CoalesceStage:
     async def _send_embeddings(self, group: str, members: list[_Member]) -> Sequence[_Batched]:
         """One upstream call for the batch, cut back into one answer per member."""
         if len(members) == 1:
-            return [await self._alone(members[0], 1)]
+            return [await self._alone(members[0])]
         first = members[0]
         body = {**first.request.body, "input": [t for m in members for t in m.texts]}
         ctx = _batch_ctx(first.ctx, next(self._batch_ids))
@@ -258,7 +258,7 @@ class CoalesceStage:
             result = await first.call_next(EmbeddingsRequest(first.request.model, body), ctx)
         except UpstreamRejected:
             # One bad input must not fail the others: each asks alone, for its own answer or error.
-            return await asyncio.gather(*(self._alone(m, 1) for m in members))
+            return await asyncio.gather(*(self._alone(m) for m in members))
         except AtajoError as err:
             return [_Batched(None, err, ctx, len(members))] * len(members)
         parts = (
@@ -274,14 +274,14 @@ class CoalesceStage:
             _Batched(Completion(part, Usage.from_openai(part.get("usage"))), None, ctx, len(members)) for part in parts
         ]
 
-    async def _alone(self, member: _Member, members: int) -> _Batched:
+    async def _alone(self, member: _Member) -> _Batched:
         ctx = _batch_ctx(member.ctx, next(self._batch_ids))
         try:
             result = await member.call_next(member.request, ctx)
         except AtajoError as err:
-            return _Batched(None, err, ctx, members)
+            return _Batched(None, err, ctx, 1)
         assert isinstance(result, Completion)
-        return _Batched(result, None, ctx, members)
+        return _Batched(result, None, ctx, 1)
 
     async def close(self) -> None:
         """Send the batches still waiting; let go of the lease's connection."""
@@ -383,11 +383,6 @@ async def _fold(subscription: Subscription[Piece]) -> Completion:
     if body is None:
         raise UpstreamError("the shared stream ended without an answer")
     return Completion(body, Usage.from_openai(body.get("usage")))
-
-
-async def _replay(chunks: list[JSONObject]) -> AsyncGenerator[JSONObject, None]:
-    for chunk in chunks:
-        yield chunk
 
 
 def _copy_usage(usage: Usage | None) -> Usage | None:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from atajo.cache.semantic.embedder import Vectors
+from atajo.cache.semantic.tier import unit_rows, vectors_from_openai
 
 BATCH = 64
 
@@ -36,15 +37,10 @@ class RemoteEmbedder:
         self.timeout_s = timeout_s
 
     def embed(self, texts: Sequence[str]) -> Vectors:
-        rows: list[Vectors] = []
-        for start in range(0, len(texts), BATCH):
-            rows.append(self._call(list(texts[start : start + BATCH])))
+        rows = [self._call(list(texts[start : start + BATCH])) for start in range(0, len(texts), BATCH)]
         if not rows:
             return np.empty((0, 0), dtype=np.float32)
-        matrix = np.concatenate(rows)
-        norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-        result: Vectors = (matrix / np.clip(norms, 1e-12, None)).astype(np.float32)
-        return result
+        return unit_rows(np.concatenate(rows))
 
     def _call(self, texts: list[str]) -> Vectors:
         payload = json.dumps({"model": self.model, "input": texts}).encode()
@@ -60,11 +56,7 @@ class RemoteEmbedder:
             raise RemoteEmbeddingsError(f"{self.url} answered HTTP {exc.code}: {detail}") from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
             raise RemoteEmbeddingsError(f"{self.url}: {exc}") from None
-        data = body.get("data") if isinstance(body, dict) else None
-        if not isinstance(data, list) or len(data) != len(texts):
-            raise RemoteEmbeddingsError(f"{self.url}: expected {len(texts)} embeddings in the answer")
-        ordered = sorted(data, key=lambda d: d.get("index", 0) if isinstance(d, dict) else 0)
         try:
-            return np.asarray([d["embedding"] for d in ordered], dtype=np.float32)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise RemoteEmbeddingsError(f"{self.url}: malformed embeddings ({exc})") from None
+            return vectors_from_openai(body, len(texts))
+        except ValueError as exc:
+            raise RemoteEmbeddingsError(f"{self.url}: {exc}") from None
