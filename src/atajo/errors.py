@@ -49,6 +49,10 @@ class AtajoError(Exception):
         if code is not None:
             self.code = code
 
+    def to_openai(self) -> dict[str, str | None]:
+        """The error object of OpenAI's format (what goes under ``"error"``)."""
+        return {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+
 
 class InvalidRequest(AtajoError):
     status = 400

@@ -213,7 +213,7 @@ class GatewayServer:
         body: JSONObject = {"status": "ready" if ok else "unavailable", "checks": checks}
         if not ok:
             err = ServiceUnavailable("not ready: " + "; ".join(f"{k}: {v}" for k, v in checks.items()))
-            body["error"] = _error_dict(err)
+            body["error"] = err.to_openai()
         return self._plain(request, orjson.dumps(body), JSON_TYPE, 200 if ok else 503)
 
     async def prometheus(self, request: HttpRequest) -> Response:
@@ -227,10 +227,6 @@ class GatewayServer:
 
 def _model_object(name: str) -> JSONObject:
     return {"id": name, "object": "model", "created": 0, "owned_by": "atajo"}
-
-
-def _error_dict(err: AtajoError) -> JSONObject:
-    return {"message": err.message, "type": err.type, "param": err.param, "code": err.code}
 
 
 class Router:

@@ -21,7 +21,7 @@ SSE_DONE = b"data: [DONE]\n\n"
 
 
 def error_body(err: AtajoError) -> bytes:
-    return orjson.dumps({"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}})
+    return orjson.dumps({"error": err.to_openai()})
 
 
 def atajo_headers(ctx: RequestContext) -> dict[str, str]:

@@ -339,8 +339,7 @@ class DeferredLane:
                 deployment = self._deployments.get(ctx.deployment or "")
                 self._price(batch, item, result.body, deployment, via_batch_api=False, sync_cost=ctx.cost_micros)
             except AtajoError as err:
-                error: JSONObject = {"message": err.message, "type": err.type, "param": err.param, "code": err.code}
-                item.result = {"status_code": err.status, "body": {"error": error}, "request_id": request_id}
+                item.result = {"status_code": err.status, "body": {"error": err.to_openai()}, "request_id": request_id}
                 item.ok = False
             await self.store.finish(batch["id"], [item])
 
