@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -287,8 +289,37 @@ async def test_stats_count_entries_and_bytes(backend: CacheBackend, catalog: lis
     assert 0 < after.bytes < before.bytes
 
 
-async def test_ping(backend: CacheBackend) -> None:
-    await backend.ping()
+async def test_ping_answers_while_the_store_is_reachable(backend: CacheBackend) -> None:
+    assert await backend.ping() is None
+    await backend.set(make_entry("t/ns/m/after-ping"))  # a ping leaves the backend usable
+    assert await present(backend, ["t/ns/m/after-ping"]) == {"t/ns/m/after-ping"}
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("kind", ["redis", "postgres", "sqlite"])
+async def test_ping_raises_when_the_store_cannot_be_reached(kind: str, clock: FakeClock, tmp_path: Path) -> None:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from atajo.cache.redis import RedisBackend
+    from atajo.cache.sql import SqlBackend
+
+    port = _closed_port()
+    unreachable: CacheBackend
+    if kind == "redis":
+        unreachable = RedisBackend(f"redis://127.0.0.1:{port}/0", clock, timeout_s=0.5)
+    elif kind == "postgres":
+        unreachable = SqlBackend(f"postgresql://postgres@127.0.0.1:{port}/test", clock)
+    else:
+        (tmp_path / "taken").write_text("a file where the database's folder should be")
+        unreachable = SqlBackend(f"sqlite:///{tmp_path}/taken/cache.db", clock)
+    with pytest.raises((RedisConnectionError, OSError)):
+        await unreachable.ping()
+    await unreachable.close()
 
 
 # --- concurrency ------------------------------------------------------------------------------------

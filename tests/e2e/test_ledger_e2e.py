@@ -111,7 +111,9 @@ def test_every_request_is_recorded_and_a_clean_stop_writes_them_all(
     assert (routed["cost_micros"], routed["baseline_micros"]) == (25, 250)  # baseline: the dearest candidate
     assert len(coalesced) == 1 and coalesced[0]["cost_micros"] == 0 and coalesced[0]["baseline_micros"] == 25
     assert len(streamed) == 1 and streamed[0]["cost_micros"] == 25 and streamed[0]["outcome"] == "ok"
-    assert all(r["tenant"] == "default" and r["key_name"] == "anonymous" and r["latency_ms"] >= 0 for r in written)
+    assert all(r["tenant"] == "default" and r["key_name"] == "anonymous" and r["latency_ms"] > 0 for r in written)
+    (leader,) = [r for r in rest if r["cause"] != "coalescing" and not r["stream"]]
+    assert leader["latency_ms"] >= 500, "the upstream's half-second wait is part of the request's latency"
 
     report = cost_report(f"sqlite:///{db}")
     causes = {r.name: r for r in report.by_cause}

@@ -4,13 +4,16 @@ OpenAI-format upstream and in front of the simulated provider."""
 from __future__ import annotations
 
 import json
+import re
+import time
 
+import httpx
 import openai
 import pytest
 
 from tests.conftest import GatewayFactory, openai_model
 from tests.upstreams.live import LiveServer
-from tests.upstreams.openai_server import OpenAIUpstream
+from tests.upstreams.openai_server import Fault, OpenAIUpstream
 
 Upstream = tuple[OpenAIUpstream, LiveServer]
 
@@ -22,9 +25,12 @@ def client(gw: LiveServer, key: str = "unused") -> openai.OpenAI:
 def test_chat_completion_through_openai_upstream(gateway: GatewayFactory, openai_upstream: Upstream) -> None:
     upstream, up = openai_upstream
     gw = gateway({"models": {"fast": openai_model(up.url, model="gpt-4o-mini-2024-07-18")}})
+    upstream.fail_next(Fault(delay_s=0.2))  # an answer, 200 ms late: the provider's time, not the gateway's
+    started = time.perf_counter()
     raw = client(gw).chat.completions.with_raw_response.create(
         model="fast", messages=[{"role": "user", "content": "hi"}], seed=7, stop=["\n"], n=2
     )
+    wall_ms = (time.perf_counter() - started) * 1000
     completion = raw.parse()
     assert completion.choices[0].message.content == upstream.reply
     assert len(completion.choices) == 2
@@ -37,7 +43,15 @@ def test_chat_completion_through_openai_upstream(gateway: GatewayFactory, openai
     assert raw.headers["x-atajo-cache"] == "miss"
     assert raw.headers["x-atajo-attempts"] == "1"
     assert raw.headers["x-request-id"].startswith("req_")
-    assert float(raw.headers["x-atajo-overhead-ms"]) >= 0
+    told = raw.headers["x-atajo-overhead-ms"]
+    assert re.fullmatch(r"\d+\.\d{3}", told), told
+    # The upstream's wait is subtracted: what is left fits in the client's own timeline without it.
+    assert float(told) < wall_ms - 200
+    # What the client is told is what the overhead histogram recorded for this one request.
+    metrics = httpx.get(gw.url + "/metrics").text
+    recorded = re.search(r'^atajo_gateway_overhead_seconds_sum\{route="([^"]+)"\} (\S+)$', metrics, re.M)
+    assert recorded is not None and recorded[1] == "chat"
+    assert float(recorded[2]) * 1000 == pytest.approx(float(told), abs=0.0005)
 
 
 def test_streaming_with_usage(gateway: GatewayFactory, openai_upstream: Upstream) -> None:
