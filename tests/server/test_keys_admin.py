@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import httpx
@@ -116,3 +117,20 @@ def test_unknown_ids_and_methods(url: str) -> None:
     assert httpx.post(url + "/admin/keys/key_0123456789abcdef/explode", headers=ADMIN).status_code == 404
     wrong = httpx.put(url + "/admin/keys/key_0123456789abcdef", headers=ADMIN)
     assert wrong.status_code == 405 and set(wrong.headers["allow"].split(", ")) == {"DELETE", "GET", "HEAD"}
+
+
+def test_a_key_store_that_cannot_be_reached_is_a_503_in_openai_format(gateway: GatewayFactory) -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = f"postgresql://postgres@127.0.0.1:{port}/test"
+    url = gateway({"auth": {"master_key": MASTER, "keys": [{"name": "app", "key": STATIC}], "store": store}}).url
+    for method, path in [("POST", "/admin/keys"), ("GET", "/admin/keys"), ("GET", "/admin/tenants")]:
+        resp = httpx.request(method, url + path, json={"tenant": "acme"}, headers=ADMIN)
+        assert resp.status_code == 503, (method, path, resp.text)
+        error = resp.json()["error"]
+        assert error["message"] == "The key store is unavailable; try again shortly."
+        assert error["type"] and error["code"], error
+    # The master key check comes first: a static key is refused without touching the store.
+    refused = httpx.get(url + "/admin/keys", headers={"authorization": f"Bearer {STATIC}"})
+    assert refused.status_code == 403 and refused.json()["error"]["type"] == "permission_error"

@@ -9,26 +9,23 @@ to the key's tenant: another tenant's are answered 404, as if they did not exist
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qs
 
 from atajo.batches.store import TERMINAL, BatchStore, Item, StoredFile
 from atajo.core.batches import ENDPOINTS
-from atajo.core.context import Principal, RequestContext
-from atajo.errors import AtajoError, Conflict, InvalidRequest, ModelNotFound, NotFound, PayloadTooLarge
+from atajo.core.context import Principal
+from atajo.errors import Conflict, InvalidRequest, ModelNotFound, NotFound, PayloadTooLarge
 from atajo.server.edge import Request, Response
 from atajo.server.http import Route
+from atajo.server.json_api import Authenticate, JsonApi, RequestIdOf
 from atajo.server.multipart import parse as parse_multipart
 from atajo.server.parse import decode, parse_chat, parse_embeddings
-from atajo.server.respond import error_response, json_response
 from atajo.settings import BatchSettings
 from atajo.stages.deferred import DeferredLane, new_id, usage_of
 from atajo.stages.deferred_collect import new_batch
 from atajo.types import JSONObject
-
-Authenticate = Callable[[Mapping[str, str]], Awaitable[Principal]]
-RequestIdOf = Callable[[Request], str]
 
 MAX_CUSTOM_ID = 512
 MAX_METADATA_PAIRS = 16
@@ -107,7 +104,9 @@ def file_object(f: StoredFile) -> JSONObject:
     }
 
 
-class BatchesApi:
+class BatchesApi(JsonApi):
+    route = "batches"
+
     def __init__(
         self,
         store: BatchStore,
@@ -138,17 +137,6 @@ class BatchesApi:
             ("GET", "/v1/batches/{batch_id}", self.get_batch),
             ("POST", "/v1/batches/{batch_id}/cancel", self.cancel_batch),
         ]
-
-    async def _call(
-        self, request: Request, handle: Callable[[Principal, Request], Awaitable[JSONObject | Response]]
-    ) -> Response:
-        ctx = RequestContext(request_id=self.request_id(request), route="batches", headers=request.headers)
-        try:
-            principal = await self.authenticate(request.headers)
-            answer = await handle(principal, request)
-            return answer if isinstance(answer, Response) else json_response(answer, ctx)
-        except AtajoError as err:
-            return error_response(err, ctx)
 
     # --- files ------------------------------------------------------------------------------------
 

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping
 
 from atajo.cache.service import CacheService
 from atajo.cache.tags import valid_tag
-from atajo.core.context import Principal, RequestContext
-from atajo.errors import AtajoError, InvalidRequest, PermissionDenied
+from atajo.core.context import Principal
+from atajo.errors import InvalidRequest, PermissionDenied
 from atajo.server.edge import Request, Response
 from atajo.server.http import Route
+from atajo.server.json_api import Authenticate, JsonApi, RequestIdOf
 from atajo.server.parse import decode
-from atajo.server.respond import error_response, json_response
 from atajo.settings import NAME_PATTERN
 from atajo.types import JSONObject
 
@@ -25,13 +24,12 @@ _NAME = re.compile(NAME_PATTERN)
 MAX_TAGS_PER_CALL = 1000
 MAX_BODY = 256 * 1024
 
-Authenticate = Callable[[Mapping[str, str]], Awaitable[Principal]]
-RequestIdOf = Callable[[Request], str]
-
 log = logging.getLogger("atajo.cache")
 
 
-class CacheAdmin:
+class CacheAdmin(JsonApi):
+    route = "cache"
+
     def __init__(self, service: CacheService, authenticate: Authenticate, request_id: RequestIdOf) -> None:
         self.service = service
         self.authenticate = authenticate
@@ -44,32 +42,17 @@ class CacheAdmin:
             ("GET", "/v1/cache/stats", self.stats),
         ]
 
-    async def _call(
-        self, request: Request, handle: Callable[[Principal, JSONObject], Awaitable[JSONObject]], *, body: bool
-    ) -> Response:
-        ctx = RequestContext(request_id=self.request_id(request), route="cache", headers=request.headers)
-        try:
-            principal = await self.authenticate(request.headers)
-            data: JSONObject = {}
-            if body:
-                if request.content_length is not None and request.content_length > MAX_BODY:
-                    raise InvalidRequest("The request body is too large for a cache operation.")
-                raw = await request.body()
-                data = decode(raw) if raw else {}  # no body: no options; whitespace is not JSON
-            return json_response(await handle(principal, data), ctx)
-        except AtajoError as err:
-            return error_response(err, ctx)
-
     async def invalidate(self, request: Request) -> Response:
-        return await self._call(request, self._invalidate, body=True)
+        return await self._call(request, self._invalidate)
 
     async def flush(self, request: Request) -> Response:
-        return await self._call(request, self._flush, body=True)
+        return await self._call(request, self._flush)
 
     async def stats(self, request: Request) -> Response:
-        return await self._call(request, self._stats, body=False)
+        return await self._call(request, self._stats)
 
-    async def _invalidate(self, principal: Principal, data: JSONObject) -> JSONObject:
+    async def _invalidate(self, principal: Principal, request: Request) -> JSONObject:
+        data = await _options(request)
         unknown = sorted(set(data) - {"tags", "namespace", "key_prefix", "tenant"})
         if unknown:
             raise InvalidRequest(
@@ -106,7 +89,8 @@ class CacheAdmin:
             "tags": sorted(result.tags),
         }
 
-    async def _flush(self, principal: Principal, data: JSONObject) -> JSONObject:
+    async def _flush(self, principal: Principal, request: Request) -> JSONObject:
+        data = await _options(request)
         _admin(principal, "flush the cache")
         unknown = sorted(set(data) - {"tenant"})
         if unknown:
@@ -118,7 +102,7 @@ class CacheAdmin:
         total = sum(n for n in dropped.values() if n > 0)
         return {"object": "cache.flush", "tenant": tenant or "*", "dropped": total, "tiers": dropped}
 
-    async def _stats(self, principal: Principal, _: JSONObject) -> JSONObject:
+    async def _stats(self, principal: Principal, _: Request) -> JSONObject:
         _admin(principal, "read cache stats")
         stats = await self.service.stats()
         tiers = []
@@ -142,6 +126,13 @@ class CacheAdmin:
             except Exception as exc:  # the tiers' figures are still worth answering with
                 log.warning("semantic store count failed: %s", type(exc).__name__)
         return answer
+
+
+async def _options(request: Request) -> JSONObject:
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise InvalidRequest("The request body is too large for a cache operation.")
+    raw = await request.body()
+    return decode(raw) if raw else {}  # no body: no options; whitespace is not JSON
 
 
 def _admin(principal: Principal, what: str) -> None:

@@ -9,28 +9,28 @@ A client that sends the header knows it gets a handle, not a ``chat.completion``
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable
 
 from atajo.batches.store import BatchStore, Queued, QueuedState
 from atajo.core.context import Principal, RequestContext
 from atajo.core.requests import ChatRequest
 from atajo.core.requests import Request as CoreRequest
-from atajo.errors import AtajoError, InvalidRequest, ModelNotFound, NotFound
+from atajo.errors import InvalidRequest, ModelNotFound, NotFound
 from atajo.server.edge import Request, Response
 from atajo.server.http import Route
-from atajo.server.respond import error_response, json_response
+from atajo.server.json_api import Authenticate, JsonApi, RequestIdOf
+from atajo.server.respond import json_response
 from atajo.stages.deferred import new_id
 from atajo.stages.deferred_collect import Collector
 from atajo.types import JSONObject
-
-Authenticate = Callable[[Mapping[str, str]], Awaitable[Principal]]
-RequestIdOf = Callable[[Request], str]
 
 PATH = "/v1/batches/requests/"
 ENDPOINTS = {"chat": "/v1/chat/completions", "embeddings": "/v1/embeddings"}
 
 
-class QueuedRequests:
+class QueuedRequests(JsonApi):
+    route = "batches"
+
     def __init__(
         self,
         store: BatchStore,
@@ -79,16 +79,14 @@ class QueuedRequests:
         return resp
 
     async def get(self, request: Request) -> Response:
-        ctx = RequestContext(request_id=self.request_id(request), route="batches", headers=request.headers)
-        try:
-            principal = await self.authenticate(request.headers)
-            request_id = request.path[len(PATH) :]
-            state = await self.store.queued(principal.tenant, request_id)
-            if state is None:
-                raise NotFound(f"No queued request found with id '{request_id[:80]}'.", param="request_id")
-            return json_response(handle(state), ctx)
-        except AtajoError as err:
-            return error_response(err, ctx)
+        return await self._call(request, self._get)
+
+    async def _get(self, principal: Principal, request: Request) -> JSONObject:
+        request_id = request.path[len(PATH) :]
+        state = await self.store.queued(principal.tenant, request_id)
+        if state is None:
+            raise NotFound(f"No queued request found with id '{request_id[:80]}'.", param="request_id")
+        return handle(state)
 
 
 def handle(state: QueuedState) -> JSONObject:

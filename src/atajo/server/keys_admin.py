@@ -17,7 +17,7 @@ currency, enforced by the budget stage beside the configured budgets (429 ``budg
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -26,12 +26,12 @@ from pydantic import ValidationError
 from atajo.auth.keys import digest
 from atajo.auth.store import KeyRecord, KeyStoreError, TenantRecord
 from atajo.auth.virtual import VirtualKeys, hint_of, new_key_id, new_secret
-from atajo.core.context import Principal, RequestContext
-from atajo.errors import AtajoError, InvalidRequest, NotFound, PermissionDenied, ServiceUnavailable
+from atajo.core.context import Principal
+from atajo.errors import InvalidRequest, NotFound
 from atajo.server.edge import Request, Response
 from atajo.server.http import Route
+from atajo.server.json_api import Authenticate, JsonApi, RequestIdOf
 from atajo.server.parse import decode
-from atajo.server.respond import error_response, json_response
 from atajo.settings import NAME_PATTERN, CachePolicy, RateLimit, Trust
 from atajo.types import JSONObject
 
@@ -42,13 +42,16 @@ MAX_BODY = 64 * 1024
 MAX_MODELS = 256
 KEY_FIELDS = ("tenant", "name", "models", "limits", "budget_micros", "cache", "trust")
 
-Authenticate = Callable[[Mapping[str, str]], Awaitable[Principal]]
-RequestIdOf = Callable[[Request], str]
 Describe = Callable[[KeyRecord], JSONObject]
 """A key's limits in force and the multipliers applied to them (from the limiter), for ``GET /admin/keys/{id}``."""
 
 
-class KeysAdmin:
+class KeysAdmin(JsonApi):
+    route = "admin"
+    admin_only = "Only the master key may manage keys and tenants."
+    store_errors = (KeyStoreError,)
+    store_down = "The key store is unavailable; try again shortly."
+
     def __init__(
         self,
         keys: VirtualKeys,
@@ -78,19 +81,6 @@ class KeysAdmin:
             ("GET", "/admin/limits", self.limits),
         ]
 
-    async def _call(self, request: Request, handle: Callable[[Request], Awaitable[tuple[int, JSONObject]]]) -> Response:
-        ctx = RequestContext(request_id=self.request_id(request), route="admin", headers=request.headers)
-        try:
-            principal = await self.authenticate(request.headers)
-            if not principal.is_admin:
-                raise PermissionDenied("Only the master key may manage keys and tenants.")
-            status, body = await handle(request)
-            return json_response(body, ctx, status)
-        except KeyStoreError:
-            return error_response(ServiceUnavailable("The key store is unavailable; try again shortly."), ctx)
-        except AtajoError as err:
-            return error_response(err, ctx)
-
     async def _body(self, request: Request) -> JSONObject:
         if request.content_length is not None and request.content_length > MAX_BODY:
             raise InvalidRequest("The request body is too large for an admin operation.")
@@ -101,7 +91,7 @@ class KeysAdmin:
     async def create_key(self, request: Request) -> Response:
         return await self._call(request, self._create_key)
 
-    async def _create_key(self, request: Request) -> tuple[int, JSONObject]:
+    async def _create_key(self, _principal: Principal, request: Request) -> tuple[int, JSONObject]:
         data = await self._body(request)
         unknown = sorted(set(data) - set(KEY_FIELDS))
         if unknown:
@@ -148,7 +138,7 @@ class KeysAdmin:
     async def list_keys(self, request: Request) -> Response:
         return await self._call(request, self._list_keys)
 
-    async def _list_keys(self, request: Request) -> tuple[int, JSONObject]:
+    async def _list_keys(self, _principal: Principal, request: Request) -> tuple[int, JSONObject]:
         query = parse_qs(request.query or "", keep_blank_values=True)
         unknown = sorted(set(query) - {"tenant", "include_revoked"})
         if unknown:
@@ -166,7 +156,7 @@ class KeysAdmin:
     async def get_key(self, request: Request) -> Response:
         return await self._call(request, self._get_key)
 
-    async def _get_key(self, request: Request) -> tuple[int, JSONObject]:
+    async def _get_key(self, _principal: Principal, request: Request) -> tuple[int, JSONObject]:
         record = await self._find(request.path.removeprefix("/admin/keys/"))
         body = self._key(record)
         if self.describe_key is not None and not record.revoked:
@@ -176,7 +166,7 @@ class KeysAdmin:
     async def revoke_key(self, request: Request) -> Response:
         return await self._call(request, self._revoke_key)
 
-    async def _revoke_key(self, request: Request) -> tuple[int, JSONObject]:
+    async def _revoke_key(self, _principal: Principal, request: Request) -> tuple[int, JSONObject]:
         key_id = request.path.removeprefix("/admin/keys/")
         await self._find(key_id)
         record = await self.store.revoke(key_id)
@@ -188,7 +178,7 @@ class KeysAdmin:
     async def rotate_key(self, request: Request) -> Response:
         return await self._call(request, self._rotate_key)
 
-    async def _rotate_key(self, request: Request) -> tuple[int, JSONObject]:
+    async def _rotate_key(self, _principal: Principal, request: Request) -> tuple[int, JSONObject]:
         key_id, _, action = request.path.removeprefix("/admin/keys/").partition("/")
         if action != "rotate" or not key_id:
             raise NotFound(f"Unknown request URL: POST {request.path}.")
@@ -229,7 +219,7 @@ class KeysAdmin:
     async def put_tenant(self, request: Request) -> Response:
         return await self._call(request, self._put_tenant)
 
-    async def _put_tenant(self, request: Request) -> tuple[int, JSONObject]:
+    async def _put_tenant(self, _principal: Principal, request: Request) -> tuple[int, JSONObject]:
         data = await self._body(request)
         unknown = sorted(set(data) - {"name", "limits"})
         if unknown:
@@ -244,13 +234,13 @@ class KeysAdmin:
     async def list_tenants(self, request: Request) -> Response:
         return await self._call(request, self._list_tenants)
 
-    async def _list_tenants(self, _: Request) -> tuple[int, JSONObject]:
+    async def _list_tenants(self, _principal: Principal, _request: Request) -> tuple[int, JSONObject]:
         return 200, {"object": "list", "data": [_tenant(t) for t in await self.store.list_tenants()]}
 
     async def get_tenant(self, request: Request) -> Response:
         return await self._call(request, self._get_tenant)
 
-    async def _get_tenant(self, request: Request) -> tuple[int, JSONObject]:
+    async def _get_tenant(self, _principal: Principal, request: Request) -> tuple[int, JSONObject]:
         name = request.path.removeprefix("/admin/tenants/")
         record = await self.store.get_tenant(name) if _NAME.match(name) else None
         if record is None:
@@ -260,7 +250,7 @@ class KeysAdmin:
     async def limits(self, request: Request) -> Response:
         return await self._call(request, self._limits)
 
-    async def _limits(self, _: Request) -> tuple[int, JSONObject]:
+    async def _limits(self, _principal: Principal, _request: Request) -> tuple[int, JSONObject]:
         body: JSONObject = {"object": "limits"}
         if self.describe_limits is not None:
             body.update(self.describe_limits())
