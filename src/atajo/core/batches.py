@@ -2,7 +2,8 @@
 deferred request cost.
 
 The worker (``stages/deferred.py``) speaks these types; each provider's Batch API wire format stays in its
-adapter (``providers/openai_batch.py``, ``providers/anthropic_batch.py``).
+adapter (``providers/openai_batch.py``, ``providers/anthropic_batch.py``), except the lines of OpenAI's
+format that Atajo's own Batch API writes too (input, output and error lines, below).
 """
 
 from __future__ import annotations
@@ -92,16 +93,31 @@ class DeferredCost:
         return self.sync_cost_micros - self.cost_micros
 
 
+def input_line(custom_id: str, url: str, body: JSONObject) -> bytes:
+    """One line of a batch's input file, in OpenAI's Batch API format."""
+    return orjson.dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": body}) + b"\n"
+
+
+def response_of(result: JSONObject, request_id: str) -> JSONObject | None:
+    """A request's ``response`` in OpenAI's Batch API format, or None when it got no answer. ``result`` is what
+    the worker stored: ``{"status_code", "body", "request_id"}`` for an answer (2xx or not), ``{"error": {code,
+    message}}`` for a request that never got one; ``request_id`` stands in for a missing one."""
+    if "status_code" not in result:
+        return None
+    return {
+        "status_code": result["status_code"],
+        "request_id": result.get("request_id") or request_id,
+        "body": result.get("body"),
+    }
+
+
 def result_line(line_id: str, custom_id: str, result: JSONObject) -> bytes:
-    """One line of a batch's output or error file, in OpenAI's Batch API format. ``result`` is what the worker
-    stored: ``{"status_code", "body", "request_id"}`` for an answer (2xx or not), ``{"error": {code,
-    message}}`` for a request that never got one."""
-    response: JSONObject | None = None
-    if "status_code" in result:
-        response = {
-            "status_code": result["status_code"],
-            "request_id": result.get("request_id") or line_id,
-            "body": result.get("body"),
-        }
-    line = {"id": line_id, "custom_id": custom_id, "response": response, "error": result.get("error")}
+    """One line of a batch's output or error file, in OpenAI's Batch API format (``result`` as in
+    :func:`response_of`)."""
+    line = {
+        "id": line_id,
+        "custom_id": custom_id,
+        "response": response_of(result, line_id),
+        "error": result.get("error"),
+    }
     return orjson.dumps(line) + b"\n"

@@ -18,14 +18,12 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-import orjson
-
 from atajo.core.batches import BatchLine, LineResult, UpstreamBatch
 from atajo.core.deployments import Deployment
 from atajo.errors import AtajoError, UpstreamUnavailable
-from atajo.providers.anthropic import DEFAULT_VERSION
+from atajo.providers.anthropic import AnthropicProvider
 from atajo.providers.anthropic_translate import JSON_TOOL, from_anthropic, to_anthropic
-from atajo.providers.http import call, decode_object, deployment_headers, describe
+from atajo.providers.http import call, call_json, decode_object, describe
 from atajo.providers.openai_batch import _segment
 from atajo.providers.pool import HttpPool
 from atajo.types import JSONObject
@@ -49,14 +47,11 @@ class AnthropicBatchApi:
 
     def __init__(self, pool: HttpPool) -> None:
         self.pool = pool
-
-    def _headers(self, deployment: Deployment) -> dict[str, str]:
-        return deployment_headers(deployment, **{"anthropic-version": deployment.api_version or DEFAULT_VERSION})
+        self.provider = AnthropicProvider(pool)  # its credentials and anthropic-version header
 
     async def _json(self, deployment: Deployment, method: str, path: str, body: JSONObject | None) -> JSONObject:
-        payload = orjson.dumps(body) if body is not None else b""
-        raw = await call(self.pool, deployment, method, deployment.base_url + path, payload, self._headers(deployment))
-        return decode_object(raw, deployment)
+        url, headers = deployment.base_url + path, self.provider.headers(deployment)
+        return await call_json(self.pool, deployment, method, url, body, headers)
 
     async def submit(self, deployment: Deployment, endpoint: str, lines: Sequence[BatchLine]) -> UpstreamBatch:
         if endpoint != "/v1/chat/completions":
@@ -88,7 +83,7 @@ class AnthropicBatchApi:
         if batch.output_file_id is None:  # ended without results (none is kept for a batch that never ran)
             return []
         url = f"{deployment.base_url}/messages/batches/{_segment(batch.id)}/results"
-        raw = await call(self.pool, deployment, "GET", url, b"", self._headers(deployment))
+        raw = await call(self.pool, deployment, "GET", url, b"", self.provider.headers(deployment))
         created = int(time.time())
         return [result for line in raw.splitlines() if (result := _result(line, deployment, created)) is not None]
 

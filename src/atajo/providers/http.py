@@ -98,6 +98,19 @@ async def call(
     return raw
 
 
+async def call_json(
+    pool: HttpPool,
+    deployment: Deployment,
+    method: str,
+    url: str,
+    body: JSONObject | None,
+    headers: Mapping[str, str],
+) -> JSONObject:
+    """:func:`call` with a JSON body (or none) and a JSON object for an answer (the Batch APIs' calls)."""
+    payload = orjson.dumps(body) if body is not None else b""
+    return decode_object(await call(pool, deployment, method, url, payload, headers), deployment)
+
+
 @asynccontextmanager
 async def post(
     pool: HttpPool,

@@ -27,7 +27,7 @@ class OpenAIProvider:
         self.pool = pool
         self._headers: dict[str, dict[str, str]] = {}
 
-    def _url(self, deployment: Deployment, path: str) -> str:
+    def url(self, deployment: Deployment, path: str) -> str:
         url = deployment.base_url + path
         return f"{url}?api-version={deployment.api_version}" if deployment.api_version else url
 
@@ -41,7 +41,7 @@ class OpenAIProvider:
         body = dict(request.body, model=upstream_model)
         body.pop("stream", None)
         body.pop("stream_options", None)
-        url = self._url(deployment, "/chat/completions")
+        url = self.url(deployment, "/chat/completions")
         data = await post_json(self.pool, deployment, url, orjson.dumps(body), self.headers(deployment))
         return Completion(data, Usage.from_openai(data.get("usage")))
 
@@ -51,7 +51,7 @@ class OpenAIProvider:
         body = dict(request.body, model=upstream_model, stream=True)
         if deployment.stream_usage:
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-        url = self._url(deployment, "/chat/completions")
+        url = self.url(deployment, "/chat/completions")
         payload = orjson.dumps(body)
         async with post(self.pool, deployment, url, payload, self.headers(deployment), streaming=True) as resp:
             done = False
@@ -67,7 +67,7 @@ class OpenAIProvider:
 
     async def embeddings(self, request: EmbeddingsRequest, deployment: Deployment, upstream_model: str) -> Completion:
         body = dict(request.body, model=upstream_model)
-        url = self._url(deployment, "/embeddings")
+        url = self.url(deployment, "/embeddings")
         data = await post_json(self.pool, deployment, url, orjson.dumps(body), self.headers(deployment))
         return Completion(data, Usage.from_openai(data.get("usage")))
 

@@ -4,7 +4,8 @@ output and error files (``/files/{id}/content``).
 
 Input lines are ``{"custom_id", "method": "POST", "url", "body"}``; output and error lines are
 ``{"id", "custom_id", "response": {"status_code", "request_id", "body"} | null, "error": {"code", "message"}
-| null}`` (OpenAI's Batch API reference). Only this module knows that format.
+| null}`` (OpenAI's Batch API reference); ``core/batches.py`` writes both, as Atajo's own Batch API speaks it
+too, and this module reads the output. URLs and credentials are the OpenAI provider's own.
 """
 
 from __future__ import annotations
@@ -12,12 +13,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from random import getrandbits
 
-import orjson
-
-from atajo.core.batches import BatchLine, LineResult, UpstreamBatch
+from atajo.core.batches import BatchLine, LineResult, UpstreamBatch, input_line
 from atajo.core.deployments import Deployment
 from atajo.errors import UpstreamUnavailable
-from atajo.providers.http import call, decode_object, deployment_headers, describe
+from atajo.providers.http import call, call_json, decode_object, describe
+from atajo.providers.openai import OpenAIProvider
 from atajo.providers.pool import HttpPool
 from atajo.types import JSONObject
 
@@ -27,28 +27,19 @@ class OpenAIBatchApi:
 
     def __init__(self, pool: HttpPool) -> None:
         self.pool = pool
-
-    def _url(self, deployment: Deployment, path: str) -> str:
-        url = deployment.base_url + path
-        return f"{url}?api-version={deployment.api_version}" if deployment.api_version else url
+        self.provider = OpenAIProvider(pool)
 
     async def _json(self, deployment: Deployment, method: str, path: str, body: JSONObject | None) -> JSONObject:
-        payload = orjson.dumps(body) if body is not None else b""
-        raw = await call(
-            self.pool, deployment, method, self._url(deployment, path), payload, deployment_headers(deployment)
-        )
-        return decode_object(raw, deployment)
+        url, headers = self.provider.url(deployment, path), self.provider.headers(deployment)
+        return await call_json(self.pool, deployment, method, url, body, headers)
 
     async def submit(self, deployment: Deployment, endpoint: str, lines: Sequence[BatchLine]) -> UpstreamBatch:
-        jsonl = b"".join(
-            orjson.dumps({"custom_id": line.custom_id, "method": "POST", "url": endpoint, "body": line.body}) + b"\n"
-            for line in lines
-        )
+        jsonl = b"".join(input_line(line.custom_id, endpoint, line.body) for line in lines)
         boundary = f"atajo-{getrandbits(64):016x}"
         form = multipart(boundary, {"purpose": b"batch"}, ("file", "atajo-batch.jsonl", jsonl))
-        headers = deployment_headers(deployment)
-        headers["content-type"] = f"multipart/form-data; boundary={boundary}"
-        raw = await call(self.pool, deployment, "POST", self._url(deployment, "/files"), form, headers)
+        headers = {**self.provider.headers(deployment), "content-type": f"multipart/form-data; boundary={boundary}"}
+        url = self.provider.url(deployment, "/files")
+        raw = await call(self.pool, deployment, "POST", url, form, headers)
         uploaded = decode_object(raw, deployment)
         file_id = uploaded.get("id")
         if not isinstance(file_id, str) or not file_id:
@@ -67,8 +58,8 @@ class OpenAIBatchApi:
         for file_id in (batch.output_file_id, batch.error_file_id):
             if not file_id:
                 continue
-            url = self._url(deployment, f"/files/{_segment(file_id)}/content")
-            raw = await call(self.pool, deployment, "GET", url, b"", deployment_headers(deployment))
+            url = self.provider.url(deployment, f"/files/{_segment(file_id)}/content")
+            raw = await call(self.pool, deployment, "GET", url, b"", self.provider.headers(deployment))
             out.extend(_lines(raw, deployment))
         return out
 

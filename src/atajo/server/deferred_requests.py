@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 
 from atajo.batches.store import BatchStore, Queued, QueuedState
+from atajo.core.batches import response_of
 from atajo.core.context import Principal, RequestContext
 from atajo.core.requests import ChatRequest
 from atajo.core.requests import Request as CoreRequest
@@ -99,12 +100,8 @@ def handle(state: QueuedState) -> JSONObject:
         status = "in_progress"
     if item is not None and item.state == "done":
         result = item.result or {}
-        if "status_code" in result:
-            response = {
-                "status_code": result["status_code"],
-                "request_id": result.get("request_id") or q.id,
-                "body": result.get("body"),
-            }
+        response = response_of(result, q.id)
+        if response is not None:
             status = "completed" if item.ok else "failed"
         else:
             error = result.get("error") or {"code": "batch_error", "message": "The request got no answer."}
