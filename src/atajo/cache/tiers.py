@@ -5,9 +5,9 @@ Fail-open policy: a tier that raises or times out is skipped (counted in ``failu
 ``RETRY_AFTER_S`` so a down Redis or a locked database costs one timeout, not one per request; it is tried
 again after that and recovers by itself. The cache never fails a request.
 
-Write-behind: writes go through one bounded queue per tier, drained by one task per tier, so the response
-never waits on a write and a slow tier does not hold up the others. A full queue drops the write
-(counted). A write whose answer was being computed while a matching invalidation happened is dropped too:
+Write-behind (``write_behind.py``): writes go through one bounded queue per tier, drained by one task per
+tier, so the response never waits on a write and a slow tier does not hold up the others. A full queue drops
+the write (counted). A write whose answer was being computed while a matching invalidation happened is dropped too:
 every write carries the invalidation generation its request started in, and recent invalidations are kept
 with their generation, so an answer based on data that has since changed is never stored.
 """
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from atajo.cache.entry import CacheBackend, Clock, Entry, Selector, TierStats
+from atajo.cache.write_behind import WriteBehind
 
 log = logging.getLogger("atajo.cache")
 
@@ -64,8 +65,8 @@ class Tier:
     write_linger_s: float = 0.0
     """How long the writer waits for more writes to batch with the first one (SQL: one commit per batch)."""
     down_until: float = 0.0
-    queue: asyncio.Queue[tuple[Entry, int]] = field(default_factory=lambda: asyncio.Queue(10_000))
-    writer: asyncio.Task[None] | None = None
+    writes: WriteBehind[Entry] = field(init=False, repr=False)
+    """Its queue of writes and their task (made by the chain)."""
     stats: TierStats = field(default_factory=lambda: TierStats(0, 0))
 
     @property
@@ -110,7 +111,7 @@ class TierChain:
     ) -> None:
         self.tiers = list(tiers)
         for tier in self.tiers:
-            tier.queue = asyncio.Queue(write_queue)
+            tier.writes = self._writes_for(tier, write_queue)
         self.clock = clock
         self.monotonic = monotonic
         self.observer = observer or _NullObserver()
@@ -129,15 +130,12 @@ class TierChain:
             except Exception as exc:  # fail open: serve without this tier until it comes back
                 log.warning("cache tier %s is unavailable at start-up (%s); skipping it for now", tier.name, exc)
                 self._failed(tier, "start")
-            tier.writer = asyncio.create_task(self._write_loop(tier), name=f"atajo-cache-writer-{tier.name}")
+            tier.writes.start()
 
     async def close(self) -> None:
         await self.drain(timeout_s=2.0)
         for tier in self.tiers:
-            if tier.writer is not None:
-                tier.writer.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await tier.writer
+            await tier.writes.stop()
             with contextlib.suppress(Exception):  # closing a broken backend must not stop the others
                 await tier.backend.close()
 
@@ -146,7 +144,7 @@ class TierChain:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):
                 for tier in self.tiers:
-                    await tier.queue.join()
+                    await tier.writes.join()
 
     # --- lookup -----------------------------------------------------------------------------------
 
@@ -210,44 +208,24 @@ class TierChain:
             self._enqueue(tier, entry, fill.generation)
 
     def _enqueue(self, tier: Tier, entry: Entry, generation: int) -> None:
-        try:
-            tier.queue.put_nowait((entry, generation))
-        except asyncio.QueueFull:
-            self.observer.write(tier.name, "dropped")
+        tier.writes.put(entry, generation)
 
-    async def _write_loop(self, tier: Tier) -> None:
-        while True:
-            batch = [await tier.queue.get()]
-            if tier.write_linger_s:
-                await asyncio.sleep(tier.write_linger_s)
-            while len(batch) < WRITE_BATCH and not tier.queue.empty():
-                batch.append(tier.queue.get_nowait())
-            try:
-                entries = []
-                for entry, generation in batch:
-                    if self.vetoed(entry, generation):
-                        self.observer.write(tier.name, "vetoed")
-                    else:
-                        entries.append(entry)
-                if not entries:
-                    continue
-                if not self._usable(tier):
-                    for _ in entries:
-                        self.observer.write(tier.name, "dropped")
-                    continue
-                try:
-                    async with asyncio.timeout(max(tier.timeout_s, 1.0)):
-                        await tier.backend.set_many(entries)
-                except Exception as exc:  # fail open: a lost write is a later miss
-                    self._failed(tier, "set", exc)
-                    for _ in entries:
-                        self.observer.write(tier.name, "error")
-                    continue
-                for _ in entries:
-                    self.observer.write(tier.name, "ok")
-            finally:
-                for _ in batch:
-                    tier.queue.task_done()
+    def _writes_for(self, tier: Tier, capacity: int) -> WriteBehind[Entry]:
+        async def write(entries: list[Entry]) -> None:
+            async with asyncio.timeout(max(tier.timeout_s, 1.0)):
+                await tier.backend.set_many(entries)
+
+        return WriteBehind(
+            f"atajo-cache-writer-{tier.name}",
+            write,
+            batch=WRITE_BATCH,
+            observe=lambda outcome: self.observer.write(tier.name, outcome),
+            failed=lambda exc: self._failed(tier, "set", exc),  # fail open: a lost write is a later miss
+            vetoed=self.vetoed,
+            usable=lambda: self._usable(tier),
+            capacity=capacity,
+            linger_s=tier.write_linger_s,
+        )
 
     def vetoed(self, entry: Entry, generation: int) -> bool:
         if generation >= self.generation:

@@ -29,6 +29,7 @@ from atajo.cache.semantic.decision import Decider, Match
 from atajo.cache.semantic.embedder import Vectors
 from atajo.cache.semantic.index import Neighbour, Vector
 from atajo.cache.semantic.store import MemoryVectorStore, VectorEntry, VectorStore
+from atajo.cache.write_behind import WriteBehind
 
 log = logging.getLogger("atajo.cache")
 
@@ -132,6 +133,10 @@ class BatchingEmbedder:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
+def _write_failed(exc: Exception) -> None:  # fail open: a lost vector is a later semantic miss
+    log.warning("semantic cache write failed: %s", type(exc).__name__)
+
+
 class SemanticTier:
     def __init__(
         self,
@@ -156,8 +161,15 @@ class SemanticTier:
         self.embedder = BatchingEmbedder(embed, self.observer)
         self._load = load
         self._vetoed = vetoed
-        self._queue: asyncio.Queue[tuple[VectorEntry, int]] = asyncio.Queue(write_queue)
-        self._writer: asyncio.Task[None] | None = None
+        self._writes = WriteBehind(
+            "atajo-semantic-writer",
+            self._store,
+            batch=WRITE_BATCH,
+            observe=self.observer.write,
+            failed=_write_failed,
+            vetoed=self._is_vetoed,
+            capacity=write_queue,
+        )
         self._recent: dict[str, float] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._flying: dict[str, dict[str, tuple[str, Vector]]] = {}
@@ -171,14 +183,11 @@ class SemanticTier:
         if self._load is not None:  # load the model now, not on the first request
             await asyncio.get_running_loop().run_in_executor(self.embedder._executor, self._load)
         await self.store.start()
-        self._writer = asyncio.create_task(self._write_loop(), name="atajo-semantic-writer")
+        self._writes.start()
 
     async def close(self) -> None:
         await self.drain(2.0)
-        if self._writer is not None:
-            self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
+        await self._writes.stop()
         self.embedder.close()
         with contextlib.suppress(Exception):
             await self.store.close()
@@ -189,7 +198,7 @@ class SemanticTier:
             async with asyncio.timeout(timeout_s):
                 while self._background:
                     await asyncio.gather(*self._background, return_exceptions=True)
-                await self._queue.join()
+                await self._writes.join()
 
     # --- lookup -----------------------------------------------------------------------------------
 
@@ -277,10 +286,7 @@ class SemanticTier:
 
     def remember(self, entry: VectorEntry, generation: int) -> None:
         """Queue a vector for the store (never waits; a full queue drops it, counted)."""
-        try:
-            self._queue.put_nowait((entry, generation))
-        except asyncio.QueueFull:
-            self.observer.write("dropped")
+        self._writes.put(entry, generation)
 
     def remember_answer(
         self,
@@ -316,32 +322,12 @@ class SemanticTier:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _write_loop(self) -> None:
-        while True:
-            batch = [await self._queue.get()]
-            while len(batch) < WRITE_BATCH and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            try:
-                entries = [e for e, generation in batch if not self._is_vetoed(e, generation)]
-                for _ in range(len(batch) - len(entries)):
-                    self.observer.write("vetoed")
-                if not entries:
-                    continue
-                now = self.clock()
-                try:
-                    await self.store.add_many(entries)
-                except Exception as exc:  # fail open: a lost vector is a later semantic miss
-                    log.warning("semantic cache write failed: %s", type(exc).__name__)
-                    for _ in entries:
-                        self.observer.write("error")
-                    continue
-                for e in entries:
-                    self._recent[e.key] = now
-                    self.observer.write("ok")
-                self._forget_old(now)
-            finally:
-                for _ in batch:
-                    self._queue.task_done()
+    async def _store(self, entries: list[VectorEntry]) -> None:
+        now = self.clock()
+        await self.store.add_many(entries)
+        for e in entries:
+            self._recent[e.key] = now
+        self._forget_old(now)
 
     def _is_vetoed(self, e: VectorEntry, generation: int) -> bool:
         if self._vetoed is None:
