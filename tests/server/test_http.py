@@ -144,6 +144,18 @@ async def test_unknown_route_and_wrong_method(gateway: GatewayFactory, http: aio
         assert assert_openai_error(await resp.json())["code"] == "method_not_allowed"
 
 
+async def test_a_path_spelled_like_a_route_pattern_or_with_an_encoded_slash_is_no_wrong_method(
+    gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    gw = gateway()
+    async with http.get(gw.url + "/v1/models/") as resp:  # the prefix route's own text, with no model in it
+        assert resp.status == 404
+        assert assert_openai_error(await resp.json())["code"] == "not_found"
+    async with http.get(gw.url + "/v1/models/org%2Fname") as resp:  # one segment: the model's name
+        assert resp.status == 404
+        assert assert_openai_error(await resp.json(), param="model")["code"] == "model_not_found"
+
+
 def _keyed(gateway: GatewayFactory) -> LiveServer:
     return gateway(
         {

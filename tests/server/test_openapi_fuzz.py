@@ -71,3 +71,13 @@ def test_fuzz(case: schemathesis.Case[Any], fuzz_gateway: LiveServer) -> None:
     case.call_and_validate(
         base_url=fuzz_gateway.url, headers={"Authorization": f"Bearer {MASTER}"}, excluded_checks=excluded
     )
+
+
+@pytest.mark.parametrize("method", ["GET", "DELETE"])
+@pytest.mark.parametrize("key_id", ["*", "a/b"])
+def test_fuzz_findings(method: str, key_id: str, fuzz_gateway: LiveServer) -> None:
+    """Examples random runs found: an id that is the text of another route's pattern (`/admin/keys/*`), or that
+    holds a `/` (sent as %2F), was answered 405, a status these operations do not document."""
+    case = schema["/admin/keys/{id}"][method].Case(path_parameters={"id": key_id})
+    response = case.call_and_validate(base_url=fuzz_gateway.url, headers={"Authorization": f"Bearer {MASTER}"})
+    assert response.status_code == 404 and response.json()["error"]["code"] == "key_not_found"

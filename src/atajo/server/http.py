@@ -230,7 +230,8 @@ def _model_object(name: str) -> JSONObject:
 
 
 class Router:
-    """Routes on (method, path), plus prefixes for one trailing path segment (``/v1/models/{id}``); and what
+    """Routes on (method, path), plus prefixes for one trailing path segment (``/v1/models/{id}``; a segment
+    may hold an encoded ``/``, decoded before routing, unless a deeper route of the method takes it); and what
     was the errors middleware: unknown routes (404), wrong methods (405 with ``allow``) and anything unexpected
     (a plain 500 naming the request id, the trace only in the log), all in OpenAI's error format."""
 
@@ -239,6 +240,7 @@ class Router:
         self._prefixes: list[tuple[str, str, Handle, bool]] = []
         self._templates: list[tuple[str, str, tuple[str, ...], Handle]] = []
         self._methods: dict[str, set[str]] = {}
+        self._exact_paths: set[str] = set()
         self.add(routes)
 
     def add(self, routes: Iterable[Route]) -> None:
@@ -252,6 +254,7 @@ class Router:
                 self._prefixes.append((method, path, handle, False))
             else:
                 self._exact[method, path] = handle
+                self._exact_paths.add(path)
             methods = self._methods.setdefault(path, set())
             methods.add(method)
             if method == "GET":
@@ -262,21 +265,29 @@ class Router:
         handle = self._exact.get((method, path)) or (self._exact.get(("GET", path)) if method == "HEAD" else None)
         if handle is not None:
             return handle, path
-        if path in self._methods and "{" not in path:
+        if path in self._exact_paths:  # not a pattern's own text: `/admin/keys/*` may be a key id's path
             return None, path
         if self._templates:
             found = self._match_template(method, path)
             if found[1]:
                 return found
         matched = ""
+        segment: tuple[Handle, str] | None = None
         for route_method, prefix, prefix_handle, deep in self._prefixes:
             rest = path[len(prefix) :]
-            if path.startswith(prefix) and rest and deep == ("/" in rest):
+            if not path.startswith(prefix) or not rest:
+                continue
+            same = route_method == method or (method == "HEAD" and route_method == "GET")
+            if deep == ("/" in rest):
                 pattern = prefix + "*" if deep else prefix
-                if route_method == method or (method == "HEAD" and route_method == "GET"):
+                if same:
                     return prefix_handle, pattern
                 matched = matched or pattern
-        return None, matched
+            elif same and not deep and segment is None:
+                segment = prefix_handle, prefix
+        # The edge decodes the path before routing, so one segment may have held an encoded "/" (an id):
+        # a one-segment route of this method takes it (its handler answers for the id) rather than a 405.
+        return segment if segment is not None else (None, matched)
 
     def _match_template(self, method: str, path: str) -> tuple[Handle | None, str]:
         """Paths like ``/v1/files/{file_id}/content``: each ``{…}`` is one non-empty segment."""
