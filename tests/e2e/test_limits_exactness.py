@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 import redis
@@ -73,7 +74,9 @@ def three_gateways(tmp_path: Path) -> Iterator[tuple[list[str], str]]:
         "models": {"fast": {"deployments": [INSTANT]}},
         "auth": {"master_key": "sk-m", "store": "off", "keys": [{"name": key_name, "key": "sk-storm"}]},
         "cache": {"enabled": False},
-        "limits": {"storage": REDIS_URL, "keys": {"rpm": 100, "adaptive": False}},
+        # a generous storage timeout: this test is about one limit shared exactly, not about failing open when
+        # a CPU-starved machine makes 1,000 checks queue for the pool longer than the default 0.5 s
+        "limits": {"storage": REDIS_URL, "timeout_s": 10, "keys": {"rpm": 100, "adaptive": False}},
     }
     path = tmp_path / "atajo.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -154,3 +157,19 @@ def test_a_token_limit_holds_within_5_percent_under_50_concurrent_requests(gatew
     # estimate each), so the last may not have fitted: 19 or 20 admitted, and what they used within 5 %
     assert len(answers) in (19, 20)
     assert abs(used - tpm) <= 0.05 * tpm, (used, tpm)
+
+
+def test_a_limit_whose_redis_is_unreachable_fails_open_and_counts_it(gateway: GatewayFactory) -> None:
+    # nothing listens on port 1: every check fails at once, so a 1-per-minute key is not enforced, each
+    # request is admitted, and the failures show in the metric operators alert on
+    config = {
+        "models": {"fast": {"deployments": [INSTANT]}},
+        "auth": {"master_key": "sk-m", "keys": [{"name": "open", "key": "sk-open", "limits": {"rpm": 1}}]},
+        "cache": {"enabled": False},
+        "limits": {"storage": "redis://127.0.0.1:1/0", "timeout_s": 0.2, "adaptive": {"enabled": False}},
+    }
+    gw = gateway(config, clock=FakeClock())
+    statuses = asyncio.run(_storm([gw.url], "sk-open", 5))
+    assert statuses == [200] * 5
+    metrics = httpx.get(gw.url + "/metrics").text
+    assert "atajo_ratelimit_storage_errors_total 5.0" in metrics
