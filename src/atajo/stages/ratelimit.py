@@ -103,15 +103,12 @@ class RateLimitStage:
         chunks: AsyncGenerator[JSONObject, None],
         admission: Admission,
     ) -> AsyncGenerator[JSONObject, None]:
-        usage: Usage | None = None
         ok = False
         try:
             async for chunk in chunks:
-                if chunk.get("usage"):
-                    usage = Usage.from_openai(chunk["usage"])
                 yield chunk
             ok = True
         finally:
             await chunks.aclose()
-            await self.limiter.settle(admission, self._used(ctx, admission, usage or stream.usage))
+            await self.limiter.settle(admission, self._used(ctx, admission, stream.usage))
             self._outcome(request, ctx, ok=ok)

@@ -23,7 +23,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from atajo.core.context import RequestContext
 from atajo.core.deployments import Deployment
 from atajo.core.requests import ChatRequest, Request
-from atajo.core.results import ChunkStream, Result
+from atajo.core.results import ChunkStream, Result, Usage
 from atajo.errors import (
     AllAttemptsFailed,
     AtajoError,
@@ -188,17 +188,28 @@ class UpstreamStage:
                 await chunks.aclose()
                 raise
             breaker.success()
-            return ChunkStream(self._rest(first, chunks, breaker, ctx))
+            stream = ChunkStream(chunks)
+            stream.chunks = self._rest(first, chunks, breaker, ctx, stream)
+            return stream
         result = await provider.embeddings(request, deployment, upstream_model)
         breaker.success()
         return result
 
     async def _rest(
-        self, first: JSONObject, chunks: AsyncGenerator[JSONObject, None], breaker: Breaker, ctx: RequestContext
+        self,
+        first: JSONObject,
+        chunks: AsyncGenerator[JSONObject, None],
+        breaker: Breaker,
+        ctx: RequestContext,
+        stream: ChunkStream,
     ) -> AsyncGenerator[JSONObject, None]:
         """The stream after its first chunk. Time spent waiting for chunks is the provider's, not the gateway's
-        overhead; a failure now (cut, stalled, error event) reaches the client and counts against the breaker."""
+        overhead; a failure now (cut, stalled, error event) reaches the client and counts against the breaker.
+        The usage chunk is read here, once, into ``stream.usage``, for the stages above (budget, ratelimit,
+        observe)."""
         try:
+            if first.get("usage"):
+                stream.usage = Usage.from_openai(first["usage"])
             yield first
             while True:
                 started = time.perf_counter_ns()
@@ -208,6 +219,8 @@ class UpstreamStage:
                     return
                 finally:
                     ctx.upstream_ns += time.perf_counter_ns() - started
+                if chunk.get("usage"):
+                    stream.usage = Usage.from_openai(chunk["usage"])
                 yield chunk
         except UpstreamError as err:
             if hurts_health(err):
