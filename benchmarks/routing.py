@@ -352,7 +352,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> Results:
             quiet = Quiet([p.server for p in paths], args.max_other_load, args.quiet_wait, args.quiet_budget)
             if "latency" in args.sections:
                 res.latency = measure_latency(paths, args.latency_requests, args.latency_warmup, args.rounds, quiet)
-                res.added = {name: d.minus(res.latency["direct"]) for name, d in res.latency.items() if name != "direct"}
+                direct = res.latency["direct"]
+                res.added = {name: d.minus(direct) for name, d in res.latency.items() if name != "direct"}
             if "cpu" in args.sections:
                 measure_cpu(paths, upstream, workdir, args, quiet, res)
             res.quiet_waited_s = quiet.waited_s

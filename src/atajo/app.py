@@ -223,7 +223,8 @@ def build_services(
         adaptive = Adaptive(tuning, load, clock=clock, model_key=lambda m: m if m in names else "*")
         limiter = Limiter(settings.limits, build_storage(settings, clock), adaptive, clock=clock)
         output = settings.limits.output_tokens
-        stages.append(RateLimitStage(limiter, partial(_estimate, output=output), adaptive.record_upstream))
+        stages.append(RateLimitStage(limiter, partial(_estimate, output=output)))
+        upstream.outcome = adaptive.record_upstream  # every attempt's, retries and fallbacks included
         if guard is not None:
             guard.flag = adaptive.flag  # a flagged client counts as a problematic one
     cache: CacheService | None = None

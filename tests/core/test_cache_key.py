@@ -151,7 +151,8 @@ def test_one_serialization_gives_the_exact_key_and_the_same_semantic_partition_a
     assert keys.partition == hashlib.sha256(canonical).hexdigest()[:40]
     # Still an exact key: any difference in the asked content (spacing, parts) is another key, same partition.
     for content in ("Reset my password?", [{"type": "text", "text": "  Reset my password? "}]):
-        other = request_key(chat(messages=[system, {"role": "user", "content": content}], temperature=0), "t1", "default")
+        same_but = chat(messages=[system, {"role": "user", "content": content}], temperature=0)
+        other = request_key(same_but, "t1", "default")
         assert other.key != keys.key and other.partition == keys.partition
     # The placeholder written by a client is only text: it cannot make two different bodies share a key.
     spoof = chat(messages=[system, {"role": "user", "content": ASKED_PLACEHOLDER}], temperature=0)
