@@ -29,21 +29,20 @@ from atajo.settings import QualityTier, TaskName
 
 Task = TaskName
 
+# Lower-case patterns over lower-cased text: the same matches as re.IGNORECASE at half the cost.
 _CODE = re.compile(
-    r"```|\b(def|class|return|import|function|const|var|let|SELECT|#include|lambda|printf|console\.log)\b|"
-    r"\b(code|python|javascript|typescript|java|rust|golang|sql|regex|compile|bug|stack trace|refactor)\b",
-    re.IGNORECASE,
+    r"```|\b(def|class|return|import|function|const|var|let|select|#include|lambda|printf|console\.log)\b|"
+    r"\b(code|python|javascript|typescript|java|rust|golang|sql|regex|compile|bug|stack trace|refactor)\b"
 )
 _MATH = re.compile(
     r"\d\s*[-+*/^=<>]\s*\d|\b(solve|equation|integral|derivative|prove|theorem|probability|calculate|compute)\b|"
-    r"\bhow many\b|[∫∑√π]",
-    re.IGNORECASE,
+    r"\bhow many\b|[∫∑√π]"
 )
 
 
 def guess_task(text: str) -> Task:
     """``code`` or ``math`` from plain lexical cues, else ``general``; a cheap guess, documented as one."""
-    head = text[:4000]
+    head = text[:4000].lower()
     if _CODE.search(head):
         return "code"
     if _MATH.search(head):
