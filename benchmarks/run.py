@@ -206,12 +206,14 @@ class Fleet:
         self.servers: list[Server] = []
         self._logs: list[IO[bytes]] = []
 
-    def spawn(self, name: str, argv: Sequence[str], port: int, ready_path: str) -> Server:
+    def spawn(
+        self, name: str, argv: Sequence[str], port: int, ready_path: str, env: dict[str, str] | None = None
+    ) -> Server:
         log_path = self.workdir / f"{name}-{port}.log"
         log = log_path.open("wb")
         self._logs.append(log)
         proc = subprocess.Popen(
-            list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=child_env(), cwd=ROOT
+            list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env or child_env(), cwd=ROOT
         )
         server = Server(name, port, ready_path, proc, log_path)
         self.servers.append(server)
@@ -227,11 +229,12 @@ class Fleet:
         argv = [*prefix, sys.executable, str(BENCH_DIR / "passthrough.py"), "--port", str(port)]
         return self.spawn("passthrough", [*argv, "--upstream", f"http://{HOST}:{upstream.port}"], port, "/ready")
 
-    def gateway(self, config: Path, prefix: Sequence[str] = ()) -> Server:
+    def gateway(self, config: Path, prefix: Sequence[str] = (), env: dict[str, str] | None = None) -> Server:
+        """``atajo serve`` with ``config``; ``env`` replaces the child environment (another source tree, say)."""
         port = free_port()
         argv = [*prefix, sys.executable, "-m", "atajo", "serve", "--config", str(config), "--host", HOST]
         return self.spawn(
-            "gateway", [*argv, "--port", str(port), "--workers", "1", "--log-level", "warning"], port, "/ready"
+            "gateway", [*argv, "--port", str(port), "--workers", "1", "--log-level", "warning"], port, "/ready", env
         )
 
     def stop(self, server: Server) -> None:

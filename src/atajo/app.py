@@ -201,7 +201,7 @@ def build_services(
         metrics,
         catalog,
         ledger=ledger,
-        baseline=baseline_pricer(settings, route, pricer(table, catalog)),
+        baseline=baseline_pricer(settings, route, route.price),
         routed=frozenset(route.groups),
         wall_clock=wall_clock,
     )
@@ -223,7 +223,8 @@ def build_services(
         adaptive = Adaptive(tuning, load, clock=clock, model_key=lambda m: m if m in names else "*")
         limiter = Limiter(settings.limits, build_storage(settings, clock), adaptive, clock=clock)
         output = settings.limits.output_tokens
-        stages.append(RateLimitStage(limiter, partial(_estimate, output=output), adaptive.record_upstream))
+        stages.append(RateLimitStage(limiter, partial(_estimate, output=output)))
+        upstream.outcome = adaptive.record_upstream  # every attempt's, retries and fallbacks included
         if guard is not None:
             guard.flag = adaptive.flag  # a flagged client counts as a problematic one
     cache: CacheService | None = None
@@ -407,11 +408,17 @@ def limiter_metrics(limiter: Limiter, adaptive: Adaptive) -> Iterable[Metric]:
 
 
 def pricer(table: ModelTable, catalog: Catalog) -> Callable[[str], ModelInfo | None]:
-    """A configured model name → the catalog entry its first deployment's upstream model is priced at."""
+    """A configured model name → the catalog entry its first deployment's upstream model is priced at. Resolved
+    once per configured name here; a name only the catch-all serves is resolved when asked."""
 
-    def price(model: str) -> ModelInfo | None:
+    def resolve(model: str) -> ModelInfo | None:
         deployments = table.deployments(model) or table.deployments(WILDCARD)
         return catalog.get(deployments[0].model_for(model)) if deployments else catalog.get(model)
+
+    known = {name: resolve(name) for name in table.names()}
+
+    def price(model: str) -> ModelInfo | None:
+        return known[model] if model in known else resolve(model)
 
     return price
 
@@ -434,12 +441,19 @@ def baseline_pricer(
     return baseline
 
 
-def chain_pricer(table: ModelTable, catalog: Catalog) -> Callable[[str], list[ModelInfo]]:
-    """A model name → the catalog entries of every model its call may end up on (its fallbacks too)."""
+def chain_pricer(table: ModelTable, catalog: Catalog) -> Callable[[str], Sequence[ModelInfo]]:
+    """A model name → the catalog entries of every model its call may end up on (its fallbacks too). Resolved
+    once per configured name here (a weighted draw changes the plan's order, not its models); a name only the
+    catch-all serves is resolved when asked."""
 
-    def chain(model: str) -> list[ModelInfo]:
+    def resolve(model: str) -> tuple[ModelInfo, ...]:
         found = (catalog.get(d.model_for(model if public == WILDCARD else public)) for public, d in table.plan(model))
-        return [info for info in found if info is not None]
+        return tuple(info for info in found if info is not None)
+
+    known = {name: resolve(name) for name in table.names()}
+
+    def chain(model: str) -> Sequence[ModelInfo]:
+        return known[model] if model in known else resolve(model)
 
     return chain
 

@@ -122,3 +122,16 @@ async def test_a_virtual_keys_own_budget_is_money_per_month_beside_the_configure
     assert caught.value.message.startswith("Budget `key:key_0123456789abcdef/month` would be exceeded")
     assert "this month" in caught.value.message and "resets at 2025-04-01T00:00:00Z" in caught.value.message
     assert await b.reserve("acme", "key_0123456789abcdef", 1, 0) is not None  # without it: only the daily one
+
+
+def test_lines_are_worked_out_again_when_any_of_their_windows_ends() -> None:
+    clock = Clock(datetime(2025, 3, 31, 23, 59, tzinfo=UTC))
+    daily = {"scope": "global", "period": "day", "max_tokens": 10}
+    b, _ = budgets(clock, daily, {"scope": "key", "period": "month", "max_tokens": 9})
+    march = [line.key for line in b.lines("t", "k")]
+    assert march[0].endswith("|2025-03-31|tokens") and march[1].endswith("|2025-03|tokens")
+    clock.now += 120  # a new day and a new month
+    april = [line.key for line in b.lines("t", "k")]
+    assert april[0].endswith("|2025-04-01|tokens") and april[1].endswith("|2025-04|tokens")
+    clock.now -= 120  # a clock set back: its own window again, not the one worked out last
+    assert [line.key for line in b.lines("t", "k")] == march

@@ -92,7 +92,7 @@ def test_key_is_scoped_by_tenant_namespace_and_model() -> None:
     assert key(chat(), tenant="t2") != base
     assert key(chat(), namespace="support") != base
     assert key(chat(model="gpt-4o")) != base
-    assert base.startswith("t1/default/gpt-4o-mini/v1-")
+    assert base.startswith("t1/default/gpt-4o-mini/v2-")
 
 
 def test_model_names_with_slashes_cannot_escape_their_key_segment() -> None:
@@ -132,3 +132,31 @@ def test_semantic_query_separates_the_asked_text_from_the_exact_conditions() -> 
     assert semantic_query(chat([user, {"role": "assistant", "content": "hi"}])) is None
     assert semantic_query(chat([{"role": "user", "content": "   "}])) is None
     assert semantic_query(EmbeddingsRequest("e", {"model": "e", "input": "x"})) is None
+
+
+def test_one_serialization_gives_the_exact_key_and_the_same_semantic_partition_as_before() -> None:
+    import hashlib
+
+    import orjson
+
+    from atajo.core.cache_key import ASKED_PLACEHOLDER, request_key
+
+    system = {"role": "system", "content": "You are terse."}
+    asked = chat(messages=[system, {"role": "user", "content": "  Reset my password? "}], temperature=0)
+    keys = request_key(asked, "t1", "default")
+    assert keys.key == key(asked) and keys.asked == "Reset my password?"
+    # The partition digest is the one the semantic tier's stored entries were filed under (v1, unchanged).
+    rest = [system, {"role": "user", "content": ASKED_PLACEHOLDER}]
+    canonical = orjson.dumps(["v1", "chat", {"messages": rest, "temperature": 0.0}], option=orjson.OPT_SORT_KEYS)
+    assert keys.partition == hashlib.sha256(canonical).hexdigest()[:40]
+    # Still an exact key: any difference in the asked content (spacing, parts) is another key, same partition.
+    for content in ("Reset my password?", [{"type": "text", "text": "  Reset my password? "}]):
+        same_but = chat(messages=[system, {"role": "user", "content": content}], temperature=0)
+        other = request_key(same_but, "t1", "default")
+        assert other.key != keys.key and other.partition == keys.partition
+    # The placeholder written by a client is only text: it cannot make two different bodies share a key.
+    spoof = chat(messages=[system, {"role": "user", "content": ASKED_PLACEHOLDER}], temperature=0)
+    assert request_key(spoof, "t1", "default").key != keys.key
+    # Without an asked text (last turn not the user's) the whole body is the key, and there is no partition.
+    whole = request_key(chat(messages=[system, {"role": "assistant", "content": "hi"}]), "t1", "default")
+    assert whole.asked is None and whole.partition is None and whole.key.startswith("t1/default/gpt-4o-mini/v2-")

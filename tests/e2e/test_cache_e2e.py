@@ -83,7 +83,7 @@ def test_a_repeat_is_a_memory_hit_and_costs_no_upstream_call(
     assert second.parse().choices[0].message.content == first.parse().choices[0].message.content
     assert len(upstream.received) == 1
     assert second.headers["x-atajo-cache-key"] == first.headers["x-atajo-cache-key"]
-    assert second.headers["x-atajo-cache-key"].startswith("default/fast/v1-")
+    assert second.headers["x-atajo-cache-key"].startswith("default/fast/v2-")
     assert second.headers["age"] == "42", "seconds since the answer was stored, on the gateway's clock"
     assert second.headers["x-atajo-cost-micros"] == "0"
     status, _ = ask(gw, temperature=0.5)  # an answer-affecting field: another entry
@@ -272,7 +272,7 @@ def test_invalidation_by_namespace_and_key_prefix(
     )
     assert admin(gw, "/v1/cache/invalidate", {"namespace": "support", "tenant": "acme"}).json()["dropped"] == 2
     assert ask(gw)[0] == "hit-memory"
-    prefix = raw.headers["x-atajo-cache-key"].split("/v1-")[0]  # default/fast
+    prefix = raw.headers["x-atajo-cache-key"].split("/v2-")[0]  # default/fast
     assert admin(gw, "/v1/cache/invalidate", {"key_prefix": prefix}, key=KEY_A).json()["dropped"] == 2
     assert ask(gw)[0] == "miss"
 

@@ -203,3 +203,41 @@ def test_the_gateway_feeds_client_behaviour_and_upstream_errors(
 
 async def _tick(adaptive: Adaptive) -> None:
     adaptive.tick()  # on the gateway's own loop, as its background task does
+
+
+def test_the_upstream_error_rate_counts_every_attempt_retries_and_fallbacks_included(
+    gateway: GatewayFactory, openai_upstream: tuple[OpenAIUpstream, LiveServer]
+) -> None:
+    upstream, server = openai_upstream
+    clock = FakeClock()
+    config = {
+        "models": {"a": {**openai_model(server.url), "fallbacks": ["b"]}, "b": openai_model(server.url)},
+        "auth": {"master_key": "sk-m", "keys": [{"name": "app", "key": "sk-app"}]},
+        "retry": {"max_retries": 1, "backoff_base_ms": 0},
+        "breaker": {"failure_threshold": 1000},
+    }
+    gw = gateway(config, clock=clock)
+    adaptive = gw.gateway.services.adaptive
+    assert adaptive is not None
+    headers = {"authorization": "Bearer sk-app"}
+
+    def calls(model: str) -> tuple[int, int]:
+        """(attempts, failed attempts) recorded for ``model``."""
+        state = adaptive.upstreams.get(model)
+        return state.window.counts(clock()) if state is not None else (0, 0)
+
+    # `a` fails, is retried and fails again; its fallback `b` answers: one request, three attempts.
+    upstream.faults.extend([Fault(status=500), Fault(status=500)])
+    body = {"model": "a", "messages": [{"role": "user", "content": "hi"}]}
+    answer = httpx.post(gw.url + "/v1/chat/completions", json=body, headers=headers)
+    assert answer.status_code == 200 and answer.headers["x-atajo-model"] == "b"
+    assert calls("a") == (2, 2) and calls("b") == (1, 0)  # not one success under `a`, as the final outcome said
+    # A stream's attempt is told when it ends: cut by the provider after its first chunks, a failure of `b`.
+    upstream.faults.append(Fault(stream_break_after=2))
+    streamed = httpx.post(gw.url + "/v1/chat/completions", json={**body, "model": "b", "stream": True}, headers=headers)
+    assert streamed.status_code == 200
+    assert calls("b") == (2, 1)
+    # A rejected request (400) says nothing about the provider's health: not counted.
+    upstream.faults.append(Fault(status=400))
+    assert httpx.post(gw.url + "/v1/chat/completions", json={**body, "model": "b"}, headers=headers).status_code == 400
+    assert calls("b") == (2, 1)

@@ -64,6 +64,9 @@ def test_capabilities_come_from_the_request() -> None:
         ("```\nx = 1\n```", "code"),
         ("Solve 3x + 5 = 11", "math"),
         ("How many apples are left?", "math"),
+        ("SELECT name FROM users WHERE id = 4", "code"),
+        ("PROVE THAT THE SQUARE ROOT OF TWO IS IRRATIONAL", "math"),
+        ("I Def Know The Way", "code"),  # cues are matched whatever their case
     ],
 )
 def test_task_guess(text: str, task: str) -> None:

@@ -57,6 +57,8 @@ class _Line:
     alert_at: float
     ends: datetime
     period: str
+    ends_s: float
+    """``ends`` as a timestamp (the counter's time to live is counted from it at every charge)."""
 
 
 @dataclass(slots=True)
@@ -90,14 +92,33 @@ class Budgets:
         self.clock = clock
         self.on_store_error = on_store_error
         self._settling: set[asyncio.Task[None]] = set()
+        self._lines: dict[tuple[str, str, int | None], tuple[float, float, tuple[_Line, ...]]] = {}
+        """(tenant, key, key budget) → (from, until, its lines): the lines hold until a window ends."""
 
     def __bool__(self) -> bool:
         return bool(self.limits)
 
     def lines(self, tenant: str, key_name: str, key_budget_micros: int | None = None) -> list[_Line]:
         """The counters a request is charged to: every configured budget that matches, then the key's own
-        budget (a virtual key's ``budget_micros``, money per calendar month, named ``key:<id>/month``)."""
-        now = datetime.fromtimestamp(self.clock(), UTC)
+        budget (a virtual key's ``budget_micros``, money per calendar month, named ``key:<id>/month``). Worked
+        out once per key and window: the same until the first of its windows ends."""
+        now_s = self.clock()
+        memo = (tenant, key_name, key_budget_micros)
+        known = self._lines.get(memo)
+        if known is not None and known[0] <= now_s < known[1]:
+            return list(known[2])
+        now = datetime.fromtimestamp(now_s, UTC)
+        lines = self._work_out_lines(tenant, key_name, key_budget_micros, now)
+        since = max(
+            (_window(now, period)[1].timestamp() for period in {line.period for line in lines}), default=-math.inf
+        )
+        until = min((line.ends_s for line in lines), default=math.inf)
+        if len(self._lines) >= 10_000:  # keys and tenants come and go: never grow without bound
+            self._lines.clear()
+        self._lines[memo] = (since, until, tuple(lines))
+        return lines
+
+    def _work_out_lines(self, tenant: str, key_name: str, key_budget_micros: int | None, now: datetime) -> list[_Line]:
         lines = []
         for limit in self.limits:
             subject = {"global": "", "tenant": tenant, "key": key_name}[limit.scope]
@@ -106,17 +127,19 @@ class Budgets:
             name = limit.label
             if limit.match == "*" and limit.scope != "global":
                 name = f"{limit.name}:{subject}" if limit.name else f"{limit.scope}:{subject}/{limit.period}"
-            window, ends = _window(now, limit.period)
+            window, _, ends = _window(now, limit.period)
             for unit, amount in (("cost", limit.max_cost), ("tokens", limit.max_tokens)):
                 if amount is None:
                     continue
                 cap = to_micros(amount) if unit == "cost" else int(amount)
                 key = f"{limit.label}|{subject}|{window}|{unit}"
-                lines.append(_Line(name, unit, key, cap, limit.alert_at, ends, limit.period))  # type: ignore[arg-type]
+                line = _Line(name, unit, key, cap, limit.alert_at, ends, limit.period, ends.timestamp())  # type: ignore[arg-type]
+                lines.append(line)
         if key_budget_micros is not None:
-            window, ends = _window(now, "month")
+            window, _, ends = _window(now, "month")
             key = f"virtual-key|{key_name}|{window}|cost"  # no configured budget's counter starts so
-            lines.append(_Line(f"key:{key_name}/month", "cost", key, key_budget_micros, KEY_ALERT_AT, ends, "month"))
+            name = f"key:{key_name}/month"
+            lines.append(_Line(name, "cost", key, key_budget_micros, KEY_ALERT_AT, ends, "month", ends.timestamp()))
         return lines
 
     async def reserve(
@@ -187,7 +210,7 @@ class Budgets:
                 )  # fmt: skip
 
     def _charge(self, line: _Line, amount: int) -> Charge:
-        ttl = int((line.ends - datetime.fromtimestamp(self.clock(), UTC)).total_seconds()) + KEEP_AFTER_WINDOW_S
+        ttl = int(line.ends_s - self.clock()) + KEEP_AFTER_WINDOW_S
         return Charge(line.key, amount, line.limit, max(ttl, 1))
 
     def _exceeded(self, line: _Line, value: int, amount: int) -> BudgetExceeded:
@@ -210,11 +233,11 @@ class Budgets:
         await self.store.close()
 
 
-def _window(now: datetime, period: str) -> tuple[str, datetime]:
-    """The current window's name and its end (UTC)."""
+def _window(now: datetime, period: str) -> tuple[str, datetime, datetime]:
+    """The current window's name, its start and its end (UTC)."""
     if period == "day":
         start = now.replace(hour=0, minute=0, second=0, microsecond=0)
-        return start.strftime("%Y-%m-%d"), start + timedelta(days=1)
+        return start.strftime("%Y-%m-%d"), start, start + timedelta(days=1)
     start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     ends = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
-    return start.strftime("%Y-%m"), ends
+    return start.strftime("%Y-%m"), start, ends

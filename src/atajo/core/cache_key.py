@@ -15,7 +15,7 @@ entries by key prefix.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import replace
+from dataclasses import dataclass
 from urllib.parse import quote
 
 import orjson
@@ -23,8 +23,12 @@ import orjson
 from atajo.core.requests import Request
 from atajo.types import JSON, JSONObject
 
-KEY_VERSION = "v1"
-"""Bump when the fingerprint changes meaning: old entries then simply stop matching."""
+KEY_VERSION = "v2"
+"""Bump when the fingerprint changes meaning: old entries then simply stop matching. (v2: a request with an
+asked text is keyed from its semantic partition's serialization, so the body is serialized once.)"""
+PARTITION_VERSION = "v1"
+"""Bump when the semantic partition's digest changes meaning (the semantic tier's entries then stop matching)."""
+_SORTED = orjson.OPT_SORT_KEYS
 
 CHAT_KEY_FIELDS = frozenset(
     {
@@ -49,9 +53,12 @@ _FLOAT_FIELDS = frozenset({"temperature", "top_p", "presence_penalty", "frequenc
 
 _NOT_KEY = {"chat": CHAT_NOT_KEY_FIELDS, "embeddings": EMBEDDINGS_NOT_KEY_FIELDS}
 
+ASKED_PLACEHOLDER = "\x00atajo:asked\x00"
+"""Stands in for the asked text in the semantic partition's fingerprint."""
 
-def fingerprint(request: Request) -> str:
-    """A hex digest of the request's answer-affecting fields, in canonical JSON (sorted keys, no nulls)."""
+
+def _fields(request: Request) -> dict[str, JSON]:
+    """The request's answer-affecting fields, as they go into a fingerprint (no nulls, numbers as floats)."""
     not_key = _NOT_KEY[request.operation]
     fields: dict[str, JSON] = {}
     body: JSONObject = request.body
@@ -59,17 +66,55 @@ def fingerprint(request: Request) -> str:
         if value is None or name in not_key:
             continue
         fields[name] = float(value) if name in _FLOAT_FIELDS and isinstance(value, int) else value
-    canonical = orjson.dumps([KEY_VERSION, request.operation, fields], option=orjson.OPT_SORT_KEYS)
-    return hashlib.sha256(canonical).hexdigest()[:40]
+    return fields
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:40]
+
+
+def fingerprint(request: Request) -> str:
+    """A hex digest of the request's answer-affecting fields, in canonical JSON (sorted keys, no nulls)."""
+    return request_key(request, "", "").key.rpartition("-")[2]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestKey:
+    """A request's exact cache key and, when it has one, what the semantic tier matches on."""
+
+    key: str
+    asked: str | None = None
+    """The asked text (the last user message's, stripped), or None: nothing the semantic tier can match on."""
+    partition: str | None = None
+    """A digest of every other answer-affecting field (the semantic tier's exact condition)."""
+
+
+def request_key(request: Request, tenant: str, namespace: str) -> RequestKey:
+    """The full key (``tenant`` and ``namespace`` are validated names, no ``/``) and the semantic parts, from
+    one canonical serialization of the body.
+
+    A request with an asked text is serialized once with the placeholder in place of the last message's
+    content: that digest is the semantic partition, and the exact key hashes the same bytes followed by the
+    content's own JSON (which, with the placeholder's known place, spells the whole body: still exact).
+    """
+    path = f"{tenant}/{namespace}/{quote(request.model, safe='')}/{KEY_VERSION}-"
+    fields = _fields(request)
+    asked = _asked(request)
+    if asked is None:
+        return RequestKey(path + _digest(orjson.dumps([KEY_VERSION, request.operation, fields], option=_SORTED)))
+    text, last = asked
+    messages = fields["messages"]
+    assert isinstance(messages, list)
+    rest = {name: value for name, value in last.items() if name != "content"}
+    fields["messages"] = [*messages[:-1], rest | {"content": ASKED_PLACEHOLDER}]
+    canonical = orjson.dumps([PARTITION_VERSION, request.operation, fields], option=_SORTED)
+    content = orjson.dumps(last.get("content"), option=_SORTED)
+    return RequestKey(path + _digest(canonical + b"\x00" + content), text, _digest(canonical))
 
 
 def cache_key(request: Request, tenant: str, namespace: str) -> str:
     """The full key; ``tenant`` and ``namespace`` are validated names (no ``/``)."""
-    return f"{tenant}/{namespace}/{quote(request.model, safe='')}/{KEY_VERSION}-{fingerprint(request)}"
-
-
-ASKED_PLACEHOLDER = "\x00atajo:asked\x00"
-"""Stands in for the asked text in the semantic partition's fingerprint."""
+    return request_key(request, tenant, namespace).key
 
 
 def semantic_query(request: Request) -> tuple[str, str] | None:
@@ -80,6 +125,12 @@ def semantic_query(request: Request) -> tuple[str, str] | None:
     an exact condition of a semantic match: only the asked wording may differ. ``None`` when the request
     has nothing to match on (not chat, last turn not the user's, images or audio in it, empty text).
     """
+    key = request_key(request, "", "")
+    return None if key.asked is None or key.partition is None else (key.asked, key.partition)
+
+
+def _asked(request: Request) -> tuple[str, JSONObject] | None:
+    """(the asked text, the last message) when the last message is the user's and holds only text."""
     if request.operation != "chat":
         return None
     messages = request.body.get("messages")
@@ -101,9 +152,4 @@ def semantic_query(request: Request) -> tuple[str, str] | None:
     else:
         return None
     text = text.strip()
-    if not text:
-        return None
-    rest = {name: value for name, value in last.items() if name != "content"}
-    body = dict(request.body)
-    body["messages"] = [*messages[:-1], rest | {"content": ASKED_PLACEHOLDER}]
-    return text, fingerprint(replace(request, body=body))
+    return (text, last) if text else None

@@ -69,6 +69,9 @@ class RequestContext:
     reported_overhead_ms: float | None = None
     """The overhead told to the client in ``x-atajo-overhead-ms`` (for streams: up to the headers)."""
     extra_headers: dict[str, str] | None = None
+    token_counts: dict[str, tuple[int, bool]] = field(default_factory=dict)
+    """The input's token counts by encoding (``atajo.routing.tokens.Counts``), filled in by the first stage that
+    counts an encoding (route, budget) and read by the others: a request's messages do not change on its way."""
 
     def elapsed_ns(self) -> int:
         return time.perf_counter_ns() - self.started_ns

@@ -76,7 +76,9 @@ class Completion:
 class ChunkStream:
     """An answer being streamed: ``chunks`` yields OpenAI ``chat.completion.chunk`` objects.
 
-    ``usage`` is filled in as the chunk that reports it goes by (the observe stage watches them).
+    ``usage`` is filled in by whoever makes the stream, as the chunk that reports it goes by (the upstream stage,
+    coalescing's relay) or at once (a replayed answer): the stages above read it when the stream ends, none
+    parses the chunks' usage again.
     """
 
     chunks: AsyncGenerator[JSONObject, None]

@@ -100,6 +100,11 @@ def encoding_for(model: str, info: ModelInfo | None = None) -> tuple[EncodingNam
     return FALLBACK, False
 
 
+Counts = dict[str, tuple[int, bool]]
+"""One request's input token counts by encoding: (tokens, guessed). Routing and budgets share it through the
+request's context (``ctx.token_counts``), so each encoding is counted once per request."""
+
+
 @dataclass(frozen=True, slots=True)
 class TokenCount:
     tokens: int
@@ -137,14 +142,23 @@ class TokenCounter:
         name, _ = encoding_for(model, self.catalog.get(model))
         return len(self.encoding(name).encode_ordinary(text))
 
-    def count(self, request: Request, model: str | None = None) -> TokenCount:
-        """Input tokens of a chat or embeddings request, for ``model`` (default: the requested one)."""
+    def count(self, request: Request, model: str | None = None, counts: Counts | None = None) -> TokenCount:
+        """Input tokens of a chat or embeddings request, for ``model`` (default: the requested one). With
+        ``counts`` (the request's ``ctx.token_counts``), an encoding already counted for it is not counted again."""
         model = model or request.model
         name, exact = encoding_for(model, self.catalog.get(model))
+        legacy = model.startswith("gpt-3.5-turbo-0301")
+        memo = f"{name}/0301" if legacy else name
+        known = counts.get(memo) if counts is not None else None
+        if known is not None:
+            return TokenCount(known[0], name, exact and not known[1])
         enc = self.encoding(name)
         if isinstance(request, EmbeddingsRequest):
-            return TokenCount(_embedding_tokens(enc, request.body.get("input")), name, exact)
-        tokens, guessed = _chat_tokens(enc, request.body, legacy=model.startswith("gpt-3.5-turbo-0301"))
+            tokens, guessed = _embedding_tokens(enc, request.body.get("input")), False
+        else:
+            tokens, guessed = _chat_tokens(enc, request.body, legacy=legacy)
+        if counts is not None:
+            counts[memo] = (tokens, guessed)
         return TokenCount(tokens, name, exact and not guessed)
 
     def output_tokens(self, request: Request, model: str, bound: Literal["max", "typical"]) -> int:
@@ -164,18 +178,22 @@ class TokenCounter:
         return per_choice * n
 
     def estimate_cost(
-        self, request: Request, model: str | None = None, bound: Literal["max", "typical"] = "typical"
+        self,
+        request: Request,
+        model: str | None = None,
+        bound: Literal["max", "typical"] = "typical",
+        counts: Counts | None = None,
     ) -> CostEstimate:
         """What the call should cost on ``model`` before it is made: input tokens counted, output tokens the
         request's limit (``max``, for reserving budget) or a typical answer under it (``typical``)."""
         model = model or request.model
-        count = self.count(request, model)
+        count = self.count(request, model, counts)
         output = self.output_tokens(request, model, bound)
         info = self.catalog.get(model)
         cost = info.tokens_cost_micros(count.tokens, output) if info is not None else 0
         return CostEstimate(model, count.tokens, output, cost, count.exact, info is not None)
 
-    def fits_context(self, model: str, request: Request) -> bool:
+    def fits_context(self, model: str, request: Request, counts: Counts | None = None) -> bool:
         """Input tokens plus the output the request asks for (``max_completion_tokens`` / ``max_tokens``, times
         ``n``; none asked: one token) fit the model's context window. A model not in the catalog fits."""
         info = self.catalog.get(model)
@@ -188,7 +206,7 @@ class TokenCounter:
         if isinstance(request, EmbeddingsRequest):
             enc = self.encoding(encoding_for(model, info)[0])
             return _longest_embedding_input(enc, body.get("input")) <= info.context
-        return self.count(request, model).tokens + output <= info.context
+        return self.count(request, model, counts).tokens + output <= info.context
 
 
 def _chat_tokens(enc: tiktoken.Encoding, body: dict[str, Any], *, legacy: bool = False) -> tuple[int, bool]:

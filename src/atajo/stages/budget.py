@@ -20,7 +20,7 @@ from atajo.core.catalog import ModelInfo
 from atajo.core.context import RequestContext
 from atajo.core.pipeline import Handler
 from atajo.core.requests import Request
-from atajo.core.results import Completion, Result, Usage
+from atajo.core.results import ChunkStream, Completion, Result, Usage
 from atajo.routing.tokens import TokenCounter
 from atajo.types import JSONObject
 
@@ -61,7 +61,7 @@ class BudgetStage:
             usage = result.usage = result.usage or Usage.from_openai(result.body.get("usage"))
             self._account(ctx, hold, usage)
             return result
-        result.chunks = self._watch(ctx, hold, result.chunks)
+        result.chunks = self._watch(ctx, hold, result, result.chunks)
         return result
 
     async def _reserve(self, request: Request, ctx: RequestContext) -> Hold | None:
@@ -69,7 +69,7 @@ class BudgetStage:
         cost = tokens = 0
         names = [info.name for info in self.chain(request.model)] or [request.model]
         for name in names:
-            estimate = self.counter.estimate_cost(request, name, self.bound)
+            estimate = self.counter.estimate_cost(request, name, self.bound, ctx.token_counts)
             cost = max(cost, estimate.cost_micros)
             tokens = max(tokens, estimate.input_tokens + estimate.output_tokens)
         principal = ctx.principal
@@ -103,14 +103,11 @@ class BudgetStage:
         self.budgets.settle(hold, hold.cost_micros if cost is None else cost, usage.total_tokens)
 
     async def _watch(
-        self, ctx: RequestContext, hold: Hold | None, chunks: AsyncGenerator[JSONObject, None]
+        self, ctx: RequestContext, hold: Hold | None, stream: ChunkStream, chunks: AsyncGenerator[JSONObject, None]
     ) -> AsyncGenerator[JSONObject, None]:
-        usage: Usage | None = None
         try:
             async for chunk in chunks:
-                if chunk.get("usage"):
-                    usage = Usage.from_openai(chunk["usage"])
                 yield chunk
         finally:
             await chunks.aclose()
-            self._account(ctx, hold, usage)
+            self._account(ctx, hold, stream.usage)  # read by the stream's maker (the upstream stage)

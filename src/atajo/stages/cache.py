@@ -33,7 +33,7 @@ from atajo.core.answers import (
     is_complete_embeddings,
     replay,
 )
-from atajo.core.cache_key import cache_key, semantic_query
+from atajo.core.cache_key import RequestKey, request_key
 from atajo.core.catalog import Catalog
 from atajo.core.context import RequestContext
 from atajo.core.pipeline import Handler
@@ -112,7 +112,8 @@ class CacheStage:
             return await call_next(request, ctx)
         tenant = ctx.principal.tenant if ctx.principal else "default"
         given_tags = self.given_tags(ctx) if plan.store else frozenset()  # bad tags fail before any work
-        key = ctx.cache_key = cache_key(request, tenant, plan.namespace)
+        keys = request_key(request, tenant, plan.namespace)  # the exact key and the semantic parts, in one pass
+        key = ctx.cache_key = keys.key
         generation = self.chain.generation
         stale: Entry | None = None
         joining = self.in_flight is not None and self.in_flight(key)
@@ -129,7 +130,7 @@ class CacheStage:
                 stale = found.stale
         query: Query | None = None
         if plan.semantic and self.semantic is not None:
-            query = self._semantic_query(request, tenant, plan)
+            query = self._semantic_query(request, tenant, plan, keys)
             if query is not None and plan.lookup and not joining:
                 semantic = await self.semantic.find(query, embed_empty=self._grouping(request, ctx))
                 query = semantic.query if semantic is not None else None
@@ -270,13 +271,12 @@ class CacheStage:
 
     # --- the semantic tier -----------------------------------------------------------------------
 
-    def _semantic_query(self, request: Request, tenant: str, plan: Plan) -> Query | None:
+    def _semantic_query(self, request: Request, tenant: str, plan: Plan, keys: RequestKey) -> Query | None:
         """The request's asked text and partition, or None when it has nothing the tier can match on."""
         assert self.semantic is not None
-        parts = semantic_query(request)
-        if parts is None or len(parts[0]) > self.settings.semantic.max_chars:
+        text, digest = keys.asked, keys.partition
+        if text is None or digest is None or len(text) > self.settings.semantic.max_chars:
             return None
-        text, digest = parts
         return self.semantic.query(f"{tenant}/{plan.namespace}/{quote(request.model, safe='')}/{digest}", text)
 
     def _grouping(self, request: Request, ctx: RequestContext) -> bool:

@@ -160,7 +160,7 @@ class CoalesceStage:
             raise head.error
         if head.streamed:
             if request.stream:
-                return ChunkStream(_relay(subscription, copy=subscription.shared))
+                return _relayed(subscription, copy=subscription.shared)
             return await _fold(subscription)
         subscription.close()
         if not subscription.shared and not request.stream and head.result is not None:
@@ -363,14 +363,22 @@ def _follow(ctx: RequestContext, outcome: SharedOutcome, waited_ns: int) -> None
     ctx.upstream_ns += min(outcome.upstream_ns, waited_ns)
 
 
-async def _relay(subscription: Subscription[Piece], copy: bool) -> AsyncGenerator[JSONObject, None]:
-    """A stream's chunks from the shared feed (after its head); a follower gets its own copy of each."""
-    try:
-        async for piece in subscription:
-            assert isinstance(piece, dict)
-            yield dict(piece) if copy else piece
-    finally:
-        subscription.close()
+def _relayed(subscription: Subscription[Piece], copy: bool) -> ChunkStream:
+    """A stream's chunks from the shared feed (after its head); a follower gets its own copy of each. The usage
+    chunk is read into the stream's ``usage`` as it goes by, as the upstream stage does for its own streams."""
+
+    async def relay() -> AsyncGenerator[JSONObject, None]:
+        try:
+            async for piece in subscription:
+                assert isinstance(piece, dict)
+                if piece.get("usage"):
+                    stream.usage = Usage.from_openai(piece["usage"])
+                yield dict(piece) if copy else piece
+        finally:
+            subscription.close()
+
+    stream = ChunkStream(relay())
+    return stream
 
 
 async def _fold(subscription: Subscription[Piece]) -> Completion:

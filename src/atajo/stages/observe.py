@@ -81,8 +81,6 @@ class ObserveStage:
                     ctx.response_model = ctx.response_model or chunk.get("model")
                     model = self.metrics.model_label(ctx.routed_model)
                     self.metrics.ttft.labels(model).observe((ctx.first_token_ns - ctx.started_ns) / 1e9)
-                if chunk.get("usage"):
-                    stream.usage = Usage.from_openai(chunk["usage"])
                 yield chunk
             error = ""
         except AtajoError as err:

@@ -6,8 +6,8 @@ on the answer, whatever it is.
 Cache hits count: a request is a request (it costs the gateway work, and a client's quota should not depend
 on what others asked before). Their tokens do not: no provider was called, so the reservation is given back.
 After the call the token reservation is settled against the provider's usage (a stream's, when it ends); a
-failed call gives it back. Outcomes of upstream calls feed the upstream error rate of the adaptive
-multipliers.
+failed call gives it back. (The upstream error rate of the adaptive multipliers is fed by the upstream stage,
+per attempt.)
 """
 
 from __future__ import annotations
@@ -19,22 +19,19 @@ from atajo.core.context import RequestContext
 from atajo.core.pipeline import Handler
 from atajo.core.requests import Request
 from atajo.core.results import ChunkStream, Completion, Result, Usage
-from atajo.errors import AtajoError, PermissionDenied, RateLimited, UpstreamError, UpstreamRejected
+from atajo.errors import AtajoError, PermissionDenied, RateLimited
 from atajo.limits.limiter import Admission, Limiter
 from atajo.types import JSONObject
 
 Estimate = Callable[[Request], int]
-UpstreamOutcome = Callable[[str, bool], None]
-"""(model, ok): one upstream call's outcome, for the adaptive upstream multiplier."""
 
 
 class RateLimitStage:
     name = "ratelimit"
 
-    def __init__(self, limiter: Limiter, estimate: Estimate, upstream_outcome: UpstreamOutcome | None = None) -> None:
+    def __init__(self, limiter: Limiter, estimate: Estimate) -> None:
         self.limiter = limiter
         self.estimate = estimate
-        self.upstream_outcome = upstream_outcome
 
     async def __call__(self, request: Request, ctx: RequestContext, call_next: Handler) -> Result:
         principal = ctx.principal
@@ -50,16 +47,8 @@ class RateLimitStage:
             if scopes
             else None
         )
-        if admission is None or not admission.checks:  # no limit applies: nothing to charge; outcomes still count
-            try:
-                result = await call_next(request, ctx)
-            except UpstreamError as err:
-                if not isinstance(err, UpstreamRejected):
-                    self._outcome(request, ctx, ok=False)
-                raise
-            if isinstance(result, Completion):
-                self._outcome(request, ctx, ok=True)
-            return result
+        if admission is None or not admission.checks:  # no limit applies: nothing to charge
+            return await call_next(request, ctx)
         headers = admission.headers()
         if headers:
             ctx.extra_headers = {**(ctx.extra_headers or {}), **headers}
@@ -67,51 +56,34 @@ class RateLimitStage:
             raise RateLimited(admission.message(), retry_after_s=admission.retry_after_s())
         try:
             result = await call_next(request, ctx)
-        except AtajoError as err:
-            if isinstance(err, UpstreamError) and not isinstance(err, UpstreamRejected):
-                self._outcome(request, ctx, ok=False)
+        except AtajoError:
             await self.limiter.settle(admission, 0)
             raise
         if isinstance(result, Completion):
-            await self.limiter.settle(admission, self._used(ctx, admission, result.usage, result))
-            self._outcome(request, ctx, ok=True)
+            await self.limiter.settle(admission, self._used(ctx, admission, result.usage))
             return result
-        result.chunks = self._settle_after(request, ctx, result, result.chunks, admission)
+        result.chunks = self._settle_after(ctx, result, result.chunks, admission)
         return result
 
-    def _outcome(self, request: Request, ctx: RequestContext, *, ok: bool) -> None:
-        if self.upstream_outcome is not None and ctx.attempts and not ctx.cache_status.startswith(("hit", "stale")):
-            self.upstream_outcome(request.model, ok)
-
     @staticmethod
-    def _used(
-        ctx: RequestContext, admission: Admission, usage: Usage | None, completion: Completion | None = None
-    ) -> int:
+    def _used(ctx: RequestContext, admission: Admission, usage: Usage | None) -> int:
         """Tokens the provider spent on this request: none for a cache hit or a shared call; the estimate when
-        the provider reported no usage."""
+        the provider reported no usage. The usage was read once, below (the provider adapter, the budget
+        stage, or for a stream where it was made)."""
         if ctx.cache_status.startswith(("hit", "stale")) or ctx.coalesced:
             return 0
-        if usage is None and completion is not None and admission.reserved_tokens:
-            usage = Usage.from_openai(completion.body.get("usage"))
         return usage.total_tokens if usage is not None else admission.reserved_tokens
 
     async def _settle_after(
         self,
-        request: Request,
         ctx: RequestContext,
         stream: ChunkStream,
         chunks: AsyncGenerator[JSONObject, None],
         admission: Admission,
     ) -> AsyncGenerator[JSONObject, None]:
-        usage: Usage | None = None
-        ok = False
         try:
             async for chunk in chunks:
-                if chunk.get("usage"):
-                    usage = Usage.from_openai(chunk["usage"])
                 yield chunk
-            ok = True
         finally:
             await chunks.aclose()
-            await self.limiter.settle(admission, self._used(ctx, admission, usage or stream.usage))
-            self._outcome(request, ctx, ok=ok)
+            await self.limiter.settle(admission, self._used(ctx, admission, stream.usage))

@@ -68,9 +68,9 @@ class RouteStage:
         constraints = self.constraints(ctx)
         if group is None:
             if constraints.max_cost_micros is not None:
-                self._check_cost(request, constraints.max_cost_micros)
+                self._check_cost(request, ctx, constraints.max_cost_micros)
             return await call_next(request, ctx)
-        choice = group.selector.choose(request, constraints)
+        choice = group.selector.choose(request, constraints, ctx.token_counts)
         self.metrics.route_decisions.labels(request.model, self.metrics.model_label(choice.name)).inc()
         ctx.route_reason = f"{choice.name}: {choice.reason}"
         ctx.cost_estimate_micros = choice.option.estimate_micros
@@ -108,11 +108,11 @@ class RouteStage:
             raise InvalidRequest(f"`{header}` must be an amount >= 0 (got {raw!r}).", param=header)
         return float(to_micros(raw.strip()))
 
-    def _check_cost(self, request: Request, limit: Limit) -> None:
+    def _check_cost(self, request: Request, ctx: RequestContext, limit: Limit) -> None:
         info = self.price(request.model)
         if info is None:
             return  # not priced: nothing to hold it to
-        estimate = self.counter.estimate_cost(request, info.name, "typical").cost_micros
+        estimate = self.counter.estimate_cost(request, info.name, "typical", ctx.token_counts).cost_micros
         if estimate > limit.value:
             header = limit.source if limit.source.startswith("x-atajo-") else None
             raise NoModelMeetsConstraints(

@@ -23,7 +23,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from atajo.core.context import RequestContext
 from atajo.core.deployments import Deployment
 from atajo.core.requests import ChatRequest, Request
-from atajo.core.results import ChunkStream, Result
+from atajo.core.results import ChunkStream, Completion, Result, Usage
 from atajo.errors import (
     AllAttemptsFailed,
     AtajoError,
@@ -44,6 +44,8 @@ from atajo.routing.table import ModelTable
 from atajo.types import JSONObject
 
 Sleep = Callable[[float], Awaitable[None]]
+UpstreamOutcome = Callable[[str, bool], None]
+"""(model, ok): one attempt's outcome, for the adaptive limits' upstream error rate."""
 
 
 def hurts_health(err: UpstreamError) -> bool:
@@ -74,6 +76,10 @@ class UpstreamStage:
         self.retry = retry
         self.metrics = metrics
         self.sleep = sleep
+        self.outcome: UpstreamOutcome | None = None
+        """Told every attempt's outcome under the public model name it was made for (retries and fallbacks
+        each count; a request the provider rejected as invalid does not: it says nothing of its health). A
+        stream's outcome is known when it ends: finished, or broken by the provider (a client leaving: none)."""
 
     async def __call__(self, request: Request, ctx: RequestContext) -> Result:
         errors: list[tuple[str, AtajoError]] = []
@@ -108,7 +114,8 @@ class UpstreamStage:
         errors: list[tuple[str, AtajoError]],
     ) -> Result | None:
         provider = self.providers[deployment.provider]
-        upstream_model = deployment.model_for(public if public != "*" else request.model)
+        name = public if public != "*" else request.model
+        upstream_model = deployment.model_for(name)
         for retry in range(self.retry.max_retries + 1):
             ctx.attempts += 1
             started = time.perf_counter_ns()
@@ -118,7 +125,7 @@ class UpstreamStage:
                     result: Result = await provider.chat(request, deployment, upstream_model)
                     breaker.success()
                 else:
-                    result = await self._call(provider, request, deployment, upstream_model, breaker, ctx)
+                    result = await self._call(provider, request, deployment, upstream_model, breaker, ctx, name)
                 verdict = True
             except InvalidRequest as err:
                 # The adapter cannot express this request (Anthropic with n > 1, say): another deployment may.
@@ -134,6 +141,8 @@ class UpstreamStage:
                 if isinstance(err, UpstreamRejected):
                     breaker.success()  # it answered, and sensibly: the deployment is healthy
                     raise
+                if self.outcome is not None:
+                    self.outcome(name, False)
                 if hurts_health(err):
                     breaker.failure()
                 else:
@@ -155,7 +164,9 @@ class UpstreamStage:
             ctx.upstream_ns += elapsed
             self.metrics.attempts.labels(deployment.provider, deployment.id, "ok").inc()
             self.metrics.attempt_duration.labels(deployment.provider).observe(elapsed / 1e9)
-            ctx.routed_model = public if public != "*" else request.model
+            if self.outcome is not None and isinstance(result, Completion):
+                self.outcome(name, True)  # a stream's is told when it ends (_rest)
+            ctx.routed_model = name
             ctx.upstream_model = upstream_model
             ctx.provider = deployment.provider
             ctx.deployment = deployment.id
@@ -171,6 +182,7 @@ class UpstreamStage:
         upstream_model: str,
         breaker: Breaker,
         ctx: RequestContext,
+        name: str,
     ) -> Result:
         if isinstance(request, ChatRequest):
             chunks = provider.chat_stream(request, deployment, upstream_model)
@@ -188,30 +200,48 @@ class UpstreamStage:
                 await chunks.aclose()
                 raise
             breaker.success()
-            return ChunkStream(self._rest(first, chunks, breaker, ctx))
+            stream = ChunkStream(chunks)
+            stream.chunks = self._rest(first, chunks, breaker, ctx, stream, name)
+            return stream
         result = await provider.embeddings(request, deployment, upstream_model)
         breaker.success()
         return result
 
     async def _rest(
-        self, first: JSONObject, chunks: AsyncGenerator[JSONObject, None], breaker: Breaker, ctx: RequestContext
+        self,
+        first: JSONObject,
+        chunks: AsyncGenerator[JSONObject, None],
+        breaker: Breaker,
+        ctx: RequestContext,
+        stream: ChunkStream,
+        name: str,
     ) -> AsyncGenerator[JSONObject, None]:
         """The stream after its first chunk. Time spent waiting for chunks is the provider's, not the gateway's
-        overhead; a failure now (cut, stalled, error event) reaches the client and counts against the breaker."""
+        overhead; a failure now (cut, stalled, error event) reaches the client and counts against the breaker.
+        The usage chunk is read here, once, into ``stream.usage``, for the stages above (budget, ratelimit,
+        observe)."""
         try:
+            if first.get("usage"):
+                stream.usage = Usage.from_openai(first["usage"])
             yield first
             while True:
                 started = time.perf_counter_ns()
                 try:
                     chunk = await anext(chunks)
                 except StopAsyncIteration:
+                    if self.outcome is not None:
+                        self.outcome(name, True)
                     return
                 finally:
                     ctx.upstream_ns += time.perf_counter_ns() - started
+                if chunk.get("usage"):
+                    stream.usage = Usage.from_openai(chunk["usage"])
                 yield chunk
         except UpstreamError as err:
             if hurts_health(err):
                 breaker.failure()
+            if self.outcome is not None:
+                self.outcome(name, False)
             raise
         finally:
             await chunks.aclose()
