@@ -17,9 +17,8 @@ import logging
 import time
 from collections.abc import Callable
 
-import orjson
-
 from atajo.batches.store import BatchStore, Queued, StoredFile
+from atajo.core.batches import input_line
 from atajo.settings import BatchSettings
 from atajo.types import JSONObject
 
@@ -149,10 +148,7 @@ class Collector:
     def _make(self, queued: list[Queued], now: float) -> tuple[JSONObject, StoredFile, bytes]:
         first = queued[0]
         batch_id = self.new_id("batch_")
-        content = b"".join(
-            orjson.dumps({"custom_id": q.id, "method": "POST", "url": q.endpoint, "body": q.body}) + b"\n"
-            for q in queued
-        )
+        content = b"".join(input_line(q.id, q.endpoint, q.body) for q in queued)
         file = StoredFile(
             self.new_id("file-"),
             first.tenant,
