@@ -37,7 +37,8 @@ class Design:
     """The fit prompts as a sparse binary matrix (CSR-like arrays) plus the dense shape features."""
 
     def __init__(self, items: Sequence[Labelled], vocab: dict[str, int]) -> None:
-        rows = [[vocab[f] for f in features(it.prompt, MAX_CHARS) if f in vocab] for it in items]
+        # Sorted: a set's order follows the string hash seed, and the order of a sum its last bits.
+        rows = [sorted(vocab[f] for f in features(it.prompt, MAX_CHARS) if f in vocab) for it in items]
         self.n = len(items)
         self.n_features = len(vocab)
         self.columns = np.array([c for r in rows for c in r], dtype=np.int64)
@@ -180,8 +181,9 @@ def main() -> None:
         "l2": l2,
         "min_df": args.min_df,
         "epochs": args.epochs,
-        "features": f"u:<token>, b:<word>_<word> on the first {MAX_CHARS} chars lower-cased, each also prefixed by "
-        f"the prompt's format (open| or choice|); dense {list(DENSE)}",
+        "features": f"multiple-choice prompts: u:<token>, b:<word>_<word> on the first {MAX_CHARS} chars "
+        "lower-cased, each also prefixed by choice|; other prompts with a number: open|m:<count>=<bin> "
+        f"(complexity_problem); dense {list(DENSE)}",
     }
     model = fit(fit_items, l2, args.min_df, args.epochs, meta)
     Path(args.out).write_text(json.dumps(model.to_dict(), separators=(",", ":")) + "\n", encoding="utf-8")

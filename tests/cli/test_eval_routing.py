@@ -14,12 +14,13 @@ from atajo.routing.complexity import DENSE, ComplexityModel
 # alpha > beta > plain > gamma > delta, weak accuracy .6, strong .8, 95 % of strong (.76) reached at 0.16 strong
 # calls, APGR 1.3. "flat": every prompt scores 0.5 (no known word), weak 1/4, strong 3/4: random routing, so
 # 95 % of strong (.7125) needs (.7125 - .25) / .5 = 0.925 strong calls, APGR 0.5.
+CHOICES = "\nA. yes\nB. no"  # multiple-choice prompts have word features (u:alpha...)
 LABELS = [
-    ("toy", "alpha question", False, True),
-    ("toy", "beta question", False, True),
-    ("toy", "plain question", True, True),
-    ("toy", "gamma question", True, False),
-    ("toy", "delta question", True, True),
+    ("toy", "alpha question" + CHOICES, False, True),
+    ("toy", "beta question" + CHOICES, False, True),
+    ("toy", "plain question" + CHOICES, True, True),
+    ("toy", "gamma question" + CHOICES, True, False),
+    ("toy", "delta question" + CHOICES, True, True),
     ("flat", "one", False, True),
     ("flat", "two", False, True),
     ("flat", "three", True, False),

@@ -71,17 +71,23 @@ def test_prompt_text_is_the_last_user_message() -> None:
 
 
 def test_features_are_the_documented_ones() -> None:
-    plain = {"u:what", "u:is", "u:<num>", "u:+", "u:?", "b:what_is"}
-    assert features("What is 2+2?") == plain | {"open|" + f for f in plain}
-    assert features("A b c", max_chars=3) == {"u:a", "u:b", "b:a_b", "open|u:a", "open|u:b", "open|b:a_b"}
-    choice = features("Pick one\nA. red\nB. blue")
-    assert "choice|u:red" in choice and "u:red" in choice and "open|u:red" not in choice
+    # A multiple-choice prompt: its tokens and word pairs, each also prefixed by the format.
+    choice = features("What is 2+2?\nA. four\nB. five")
+    plain = {"u:what", "u:is", "u:<num>", "u:+", "u:?", "u:a", "u:.", "u:four", "u:b", "u:five", "b:what_is"}
+    assert plain <= choice and {"choice|" + f for f in plain} <= choice
+    assert "b:a_four" in choice and all(f.startswith(("u:", "b:", "choice|")) for f in choice)
+    # Any other prompt: only the word-problem shape, one bin per count, and no words.
+    problem = features("Tom has 3 apples and buys 4 more. How many apples does he have?")
+    assert {"open|m:numbers=2", "open|m:sentences=2", "open|m:cue_more=1", "open|m:names=1"} <= problem
+    assert all(f.startswith("open|m:") for f in problem)
+    assert features("A b c 1 2 3", max_chars=3) == features("A b")  # reads the first max_chars only
     shape = dense_features("12 apples\n3 pears")
     assert len(shape) == len(DENSE) and all(0 <= v <= 3 for v in shape)
 
 
 def toy_model() -> ComplexityModel:
-    """Words with fixed weights: alpha > beta > (nothing) > gamma > delta."""
+    """Words with fixed weights: alpha > beta > (nothing) > gamma > delta (in multiple-choice prompts, which
+    have word features: ``choice()``)."""
     weights = {"u:alpha": (3.0, -3.0), "u:beta": (1.0, -1.0), "u:gamma": (-1.0, 1.0), "u:delta": (-3.0, 3.0)}
     return ComplexityModel(weights=weights, dense_weights=((0.0, 0.0),) * len(DENSE), bias=(0.0, 0.0))
 
@@ -90,8 +96,8 @@ def test_round_trip_and_format_checks(tmp_path: Path) -> None:
     path = tmp_path / "m.json"
     path.write_text(json.dumps(toy_model().to_dict()))
     loaded = ComplexityModel.load(path)
-    assert loaded.weights == toy_model().weights and loaded.score("alpha") == toy_model().score("alpha")
-    assert toy_model().score("nothing here") == 0.5
+    assert loaded.weights == toy_model().weights and loaded.score(choice("alpha")) == toy_model().score(choice("alpha"))
+    assert toy_model().score(choice("alpha")) > 0.9 and toy_model().score(choice("nothing")) == 0.5
     with pytest.raises(ValueError, match="format"):
         ComplexityModel.from_dict({**toy_model().to_dict(), "version": 99})
 
@@ -103,12 +109,16 @@ def test_round_trip_and_format_checks(tmp_path: Path) -> None:
 #   plain    T    T       0 1 2 2 1 1, trapezoids of width .2: .1 + .3 + .4 + .3 + .2 = 1.3.
 #   gamma    T    F       Random routing: (.76 - .6) / .2 = 0.8 strong calls, APGR 0.5.
 #   delta    T    T
+def choice(word: str) -> str:
+    return f"{word} question\nA. yes\nB. no"
+
+
 TOY = [
-    ("alpha question", False, True),
-    ("beta question", False, True),
-    ("plain question", True, True),
-    ("gamma question", True, False),
-    ("delta question", True, True),
+    (choice("alpha"), False, True),
+    (choice("beta"), False, True),
+    (choice("plain"), True, True),
+    (choice("gamma"), True, False),
+    (choice("delta"), True, True),
 ]
 
 

@@ -5,12 +5,15 @@ model answer correctly; the score is the expected accuracy gained by calling the
 [-1, 1] to [0, 1]: ``(1 + P(strong right) - P(weak right)) / 2``. 0.5 means no expected gain; above it the
 strong model is expected to help, below it the weak one is expected to do as well or better.
 
-Features are cheap and lexical: which words and word pairs the prompt has (lower-cased ASCII words, numbers
-as one token, punctuation), and four numbers about its shape (length, digits, lines, numbers). Which kind
-of question a prompt is (its subject, its format) says most about whether a weaker model gets it wrong, and
-words recognise that well. The weights were fitted on the RouteLLM labels (Mixtral-8x7B as weak, GPT-4 as
-strong, on MMLU and GSM8K prompts) by ``scripts/fit_complexity.py`` and ship as ``complexity.json``
-beside this module. Scoring costs tens of microseconds; it reads at most ``max_chars`` of the prompt.
+Features are cheap and depend on the prompt's format. A multiple-choice prompt has lexical ones: which words
+and word pairs it has (lower-cased ASCII words, numbers as one token, punctuation); which kind of question it
+is (its subject) says most about whether a weaker model gets it wrong, and words recognise that well. Any
+other prompt has the shape of a math word problem instead (``complexity_problem``: how many numbers,
+sentences, names, which operations...): within one kind of question words name the topic rather than the
+difficulty. Four numbers about its shape (length, digits, lines, numbers) count for both. The weights were
+fitted on the RouteLLM labels (Mixtral-8x7B as weak, GPT-4 as strong, on MMLU and GSM8K prompts) by
+``scripts/fit_complexity.py`` and ship as ``complexity.json`` beside this module. Scoring costs a fraction
+of a millisecond; it reads at most ``max_chars`` of the prompt.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from atajo.core.requests import ChatRequest, Request
+from atajo.routing.complexity_problem import problem_features
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: open prompts have word-problem features instead of words
 MAX_CHARS = 4000
 DENSE = ("log_chars", "log_digits", "lines", "log_numbers")
 _TOKEN = re.compile(r"[a-z]+|\d+|[^\sa-z\d]")
@@ -41,16 +45,21 @@ def prompt_format(text: str) -> str:
 
 
 def features(text: str, max_chars: int = MAX_CHARS) -> set[str]:
-    """The prompt's sparse features: ``u:<token>`` for each token, ``b:<word>_<word>`` for adjacent words, and
-    each again prefixed by the prompt's format (``open|u:...``, ``choice|b:...``), so a word can weigh
-    differently in a free question and a multiple-choice one while sharing what is common to both."""
+    """The prompt's sparse features, by its format.
+
+    A multiple-choice prompt (``choice``): ``u:<token>`` for each token, ``b:<word>_<word>`` for adjacent words,
+    and each again prefixed (``choice|u:...``), so a word can weigh differently in a multiple-choice question
+    than elsewhere while sharing what is common. Any other prompt (``open``): the shape of a word problem
+    (``open|m:numbers=3``, ``complexity_problem``; nothing without a number) and no words: within the word
+    problems the labels hold, words named the topic more than the difficulty, and weights on them routed worse."""
     head = text[:max_chars]
+    if prompt_format(head) == "open":
+        return problem_features(head, "open|m:")
     tokens = _TOKEN.findall(head.lower())
     found = {"u:<num>" if token.isdigit() else "u:" + token for token in tokens}
     words = [token for token in tokens if token[0].isalpha()]
     found.update("b:" + a + "_" + b for a, b in pairwise(words))
-    prefix = prompt_format(head) + "|"
-    found.update([prefix + name for name in found])
+    found.update(["choice|" + name for name in found])
     return found
 
 
