@@ -9,12 +9,14 @@ so Quora serves for evaluation alone.
 
 Every ``origin`` of a split is stored and every ``similar`` asked, as ``atajo eval semantic`` does. The pair
 models (the network over the embedding vectors and lexical features, and the lexical fallback) are fitted
-on the ``fit`` hash split (30 %): each ``similar`` against its ``origin`` (same question) and against the
-other stored origins among its nearest neighbours above the cosine floor (different questions: what the
-cache must reject). Both thresholds are calibrated to the target share of wrong hits on the ``calibrate``
-split (30 %); the ``test`` split (40 %) is held out, and the script prints the figures on it. The output
-depends only on the pairs file, the embedding model and the code (fixed seeds), so rerunning it rewrites
-the shipped file byte for byte. The same fit is ``atajo cache calibrate --pairs GPTCACHE``.
+on the ``fit`` hash split (30 %): each ``similar`` against its ``origin`` (same question), against the other
+stored origins among its nearest neighbours above the cosine floor (different questions: what the cache
+must reject), and rule-made hard negatives (the ``similar`` with a name-like token swapped for one from
+another origin, against the origin; ``evaluate.swapped_names``). Both thresholds are calibrated to the
+target share of wrong hits on the ``calibrate`` split (30 %); the ``test`` split (40 %) is held out, and the
+script prints the figures on it. The output depends only on the pairs file, the embedding model and the
+code (fixed seeds), so rerunning it rewrites the shipped file byte for byte. The same fit is
+``atajo cache calibrate --pairs GPTCACHE``.
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ STOPWORDS = _wordset(
 )
 
 
-def _words(text: str) -> list[str]:
+def text_words(text: str) -> list[str]:
     return [w.replace("\u2019", "'") for w in _WORD.findall(text)]
 
 
@@ -119,7 +119,7 @@ class TextFacts:
 
     @classmethod
     def of(cls, text: str) -> TextFacts:
-        words = _words(text)
+        words = text_words(text)
         lower = [w.lower() for w in words]
         numbers = frozenset(n for w in words if (n := _number(w)) is not None)
         negated = any(w in NEGATIONS or w.endswith("n't") for w in lower)
