@@ -178,7 +178,8 @@ def eval_semantic(
     default=True,
     show_default=True,
     help="Fit new weights, or keep the shipped ones and only calibrate the thresholds (the shipped weights were "
-    "fitted on QQP's fit and calibrate splits: recalibrating them on QQP itself promises less error than it gets).",
+    "fitted on the fit split of GPTCache's pairs: recalibrating them on those same pairs promises less error than "
+    "it gets).",
 )
 @embeddings_source
 def calibrate(

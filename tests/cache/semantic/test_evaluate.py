@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from atajo.cache.semantic.embedder import Embedder
-from atajo.cache.semantic.evaluate import load_pairs, split_of
+from atajo.cache.semantic.evaluate import Pair, Pairs, load_pairs, run, split_of, swapped_names
 from atajo.cli.semantic import calibrate, eval_semantic
 
 ORIGIN_PAIRS: list[dict[str, object]] = [
@@ -131,3 +131,26 @@ def test_eval_can_embed_through_an_openai_compatible_endpoint(tmp_path: Path, mo
         {str(t) for p in ORIGIN_PAIRS for t in p.values()}
     )
     assert missing.exit_code == 2 and "--embeddings-model" in missing.output
+
+
+def test_swapped_names_make_different_question_pairs_from_paraphrases(embedder: Embedder) -> None:
+    pairs = Pairs(
+        "origin",
+        [
+            Pair("How do I install PyTorch on Windows?", "How can I set up PyTorch on Windows?", True),
+            Pair("Is TensorFlow faster than JAX?", "Does TensorFlow run faster than JAX?", True),
+            Pair("what is a list", "what's a list", True),  # no name-like token: nothing to swap
+        ],
+    )
+    negatives = swapped_names(run(pairs, embedder.embed, None), embedder.embed)
+    assert len(negatives) == 2
+    for negative, pair in zip(negatives, pairs.pairs, strict=False):
+        assert not negative.same
+        assert negative.stored == pair.stored
+        asked, swapped = set(pair.asked.split()), set(negative.query.split())
+        assert len(asked - swapped) == 1 and len(swapped - asked) == 1  # one name replaced by another pair's
+        assert (swapped - asked).pop().rstrip("?").lower() in {"pytorch", "windows", "tensorflow", "jax"}
+        assert negative.query_vector is not None and negative.stored_vector is not None
+        assert negative.cosine == pytest.approx(float(negative.query_vector @ negative.stored_vector), abs=1e-5)
+    again = swapped_names(run(pairs, embedder.embed, None), embedder.embed)
+    assert [n.query for n in again] == [n.query for n in negatives]  # deterministic

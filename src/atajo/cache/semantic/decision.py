@@ -81,7 +81,7 @@ STOPWORDS = _wordset(
 )
 
 
-def _words(text: str) -> list[str]:
+def text_words(text: str) -> list[str]:
     return [w.replace("\u2019", "'") for w in _WORD.findall(text)]
 
 
@@ -119,7 +119,7 @@ class TextFacts:
 
     @classmethod
     def of(cls, text: str) -> TextFacts:
-        words = _words(text)
+        words = text_words(text)
         lower = [w.lower() for w in words]
         numbers = frozenset(n for w in words if (n := _number(w)) is not None)
         negated = any(w in NEGATIONS or w.endswith("n't") for w in lower)
@@ -515,6 +515,12 @@ def design_matrix(pairs: Sequence[LabelledPair]) -> tuple[Array, npt.NDArray[np.
     return np.array(rows, dtype=np.float64).reshape(-1, len(FEATURES)), kept
 
 
+SMALL_DATA = 5000
+"""Below this many usable pairs the network gets ``SMALL_HIDDEN`` units, else ``LARGE_HIDDEN``."""
+SMALL_HIDDEN = 16
+LARGE_HIDDEN = 64
+
+
 def fit_logistic(x: Array, y: Array, l2: float = 1e-3, iterations: int = 50) -> Array:
     """L2-regularised logistic regression by Newton's method (IRLS); the bias (column 0) is not penalised."""
     n, d = x.shape
@@ -535,8 +541,8 @@ def fit_logistic(x: Array, y: Array, l2: float = 1e-3, iterations: int = 50) -> 
 def fit_network(
     x: Array,
     y: Array,
-    hidden: int = 64,
-    epochs: int = 40,
+    hidden: int = LARGE_HIDDEN,
+    epochs: int = 100,
     l2: float = 3e-2,
     dropout: float = 0.3,
     learning_rate: float = 1e-3,
@@ -597,6 +603,14 @@ def fit_network(
     return mean, scale, w1, b1, w2, float(b2[0])
 
 
+def hidden_units(pairs: int) -> int:
+    """The network's width for a training set of ``pairs`` rows. Chosen by 5-fold cross-validation inside
+    GPTCache's fit split (~1,000 pairs from ~290 paraphrases): 16 units ranked its out-of-fold probabilities
+    as well as 64 (AUC 0.960 / 0.955) with a quarter of the weights; larger sets of pairs (a user's
+    labelled traffic) support the wider layer."""
+    return SMALL_HIDDEN if pairs < SMALL_DATA else LARGE_HIDDEN
+
+
 def fit_model(pairs: Sequence[LabelledPair], cosine_floor: float = COSINE_FLOOR, seed: int = 0) -> PairModel:
     """Fit both pair models on labelled pairs (those above the floor that pass the vetoes). The network
     needs every pair's two vectors; without them it is left untrained (always 0.5)."""
@@ -612,7 +626,7 @@ def fit_model(pairs: Sequence[LabelledPair], cosine_floor: float = COSINE_FLOOR,
     complete = [(u, v) for u, v in vectors if u is not None and v is not None]
     if dimension and len(complete) == len(vectors):
         inputs = np.stack([pair_inputs(row, u, v) for row, (u, v) in zip(x, complete, strict=True)])
-        mean, scale, w1, b1, w2, b2 = fit_network(inputs, y, seed=seed)
+        mean, scale, w1, b1, w2, b2 = fit_network(inputs, y, hidden=hidden_units(len(y)), seed=seed)
     else:
         width = len(FEATURES) - 1 + 2 * max(dimension, 1)
         mean, scale = np.zeros(width), np.ones(width)

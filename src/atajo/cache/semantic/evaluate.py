@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -34,8 +35,10 @@ from atajo.cache.semantic.decision import (
     Decider,
     LabelledPair,
     Match,
+    TextFacts,
     calibrate_thresholds,
     fit_model,
+    text_words,
 )
 from atajo.cache.semantic.embedder import Vectors
 from atajo.cache.semantic.index import Neighbour, VectorIndex
@@ -280,6 +283,39 @@ def cases(kind: str, outcomes: Sequence[Outcome]) -> list[Case]:
     ]
 
 
+def swapped_names(outcomes: Sequence[Outcome], embed: EmbedFn) -> list[LabelledPair]:
+    """Rule-made hard negatives for ``{origin, similar}`` files, which hold no different-question pairs
+    of their own: each asked text with one of its name-like tokens (``TextFacts.names``: "PyTorch", "Paris")
+    replaced by a name from another pair's origin, against the origin, labelled different. Numbers and
+    negations need none: the vetoes refuse those. Deterministic (choices by hash)."""
+    pool = sorted({n for o in outcomes for n in TextFacts.of(o.pair.stored).names if n.isalpha()})
+    mutated: list[tuple[Outcome, str]] = []
+    for o in outcomes:
+        names = TextFacts.of(o.pair.asked).names | TextFacts.of(o.pair.stored).names
+        words = [w for w in dict.fromkeys(text_words(o.pair.asked)) if w.lower() in names and w.isalpha()]
+        others = [n for n in pool if n not in names]
+        if not words or not others:
+            continue
+        digest = int.from_bytes(hashlib.sha256(o.pair.asked.encode()).digest()[:8], "big")
+        word, other = words[digest % len(words)], others[(digest // len(words)) % len(others)]
+        replacement = other.upper() if word.isupper() else other[:1].upper() + other[1:]
+        mutated.append((o, re.sub(rf"\b{re.escape(word)}\b", replacement, o.pair.asked)))
+    if not mutated:
+        return []
+    vectors = embed([text for _, text in mutated])
+    pairs = []
+    for (o, text), vector in zip(mutated, vectors, strict=True):
+        stored = embed([o.pair.stored])[0] if o.query_vector is None else None
+        origin = next((n for n in o.neighbours if n.text == o.pair.stored), None)
+        stored_vector = origin.vector if origin is not None and origin.vector is not None else stored
+        if stored_vector is None:
+            continue
+        pairs.append(
+            LabelledPair(text, o.pair.stored, float(np.dot(vector, stored_vector)), False, vector, stored_vector)
+        )
+    return pairs
+
+
 def _split_runs(
     path: str | Path, embed: EmbedFn, progress: Progress, limit: int | None
 ) -> tuple[str, dict[str, list[Outcome]]]:
@@ -310,7 +346,8 @@ def calibrate(
     kind, runs = _split_runs(path, embed, progress, limit)
     if refit:
         fitting = runs["fit"] + (runs["calibrate"] if calibration_path is not None else [])
-        model = fit_model(list(labelled(kind, fitting, COSINE_FLOOR)), COSINE_FLOOR)
+        negatives = swapped_names(fitting, embed) if kind == "origin" else []
+        model = fit_model(list(labelled(kind, fitting, COSINE_FLOOR)) + negatives, COSINE_FLOOR)
         decider = Decider(model=model, threshold=0.0, lexical_threshold=0.0)
     else:
         decider = Decider(threshold=0.0, lexical_threshold=0.0)
