@@ -17,7 +17,7 @@ import re
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -112,9 +112,6 @@ class Services:
     limiter: Limiter | None = None
     adaptive: Adaptive | None = None
     load: GatewayLoad | None = None
-    counter: TokenCounter | None = None
-    vocabularies: set[str] = field(default_factory=set)
-    """Tokenizer vocabularies that routing and budgets will need, loaded at start rather than mid-request."""
 
 
 def build_storage(settings: Settings, clock: Callable[[], float]) -> Storage:
@@ -332,9 +329,6 @@ def build_services(
         limiter,
         adaptive,
         load,
-        counter,
-        # a key's own budget needs no vocabulary at start: its first request loads one, as before
-        counter.encodings_for(list(table.names())) if settings.routing.models or settings.budgets.limits else set(),
     )
 
 
@@ -711,8 +705,6 @@ class Gateway:
             await self.services.cache.start()
         if self.services.lane is not None:
             await self.services.lane.start()  # opens its store in the background: a failure there is logged
-        if self.services.counter is not None and self.services.vocabularies:
-            await asyncio.to_thread(self.services.counter.preload, self.services.vocabularies)
         self.services.server.accepting = True
 
     async def stop(self) -> None:

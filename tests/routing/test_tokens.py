@@ -192,12 +192,3 @@ for model in ("gpt-4o", "gpt-4"):
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["9", "9"]
     assert list(cache.iterdir()) == []
-
-
-def test_preload_loads_the_vocabularies_the_models_need_and_no_other() -> None:
-    counter = TokenCounter(load_catalog())
-    names = counter.encodings_for(["gpt-4o-mini", "gpt-3.5-turbo"])
-    assert names == {"o200k_base", "cl100k_base"}
-    assert counter.encodings_for(["gpt-4o"]) == {"o200k_base"}
-    counter.preload({"o200k_base"})
-    assert set(counter._encodings) == {"o200k_base"}

@@ -138,15 +138,6 @@ class TokenCounter:
             enc = self._encodings[name] = load_encoding(name)
         return enc
 
-    def encodings_for(self, models: list[str]) -> set[str]:
-        """The vocabularies counting these models' requests loads."""
-        return {encoding_for(model, self.catalog.get(model))[0] for model in models}
-
-    def preload(self, names: set[str]) -> None:
-        """Load vocabularies now (0.1 to 0.2 s each), so the first request that counts tokens does not wait."""
-        for name in sorted(names):
-            self.encoding(name)
-
     def count_text(self, text: str, model: str) -> int:
         name, _ = encoding_for(model, self.catalog.get(model))
         return len(self.encoding(name).encode_ordinary(text))
