@@ -118,6 +118,11 @@ def _decider(params: str | None) -> Any:
     type=click.FloatRange(0.0, 1.0),
     help="Also report the precision where the recall reaches this share (the threshold moved; rules held).",
 )
+@click.option(
+    "--open-set",
+    is_flag=True,
+    help="{origin, similar} files: ask each paraphrase with its own origin hidden; every hit is a wrong answer.",
+)
 @embeddings_source
 def eval_semantic(
     pairs_file: str,
@@ -127,6 +132,7 @@ def eval_semantic(
     limit: int | None,
     embeddings_cache: str | None,
     at_recall: float | None,
+    open_set: bool,
     embeddings_url: str | None,
     embeddings_model: str | None,
     api_key_env: str,
@@ -137,11 +143,13 @@ def eval_semantic(
 
     try:
         pairs = load_pairs(pairs_file, split, limit)  # type: ignore[arg-type]
+        if open_set and pairs.kind != "origin":
+            raise ValueError(f"{pairs_file}: --open-set needs an {{origin, similar}} file")
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     decider = _decider(params)
     embed = _embedder(embeddings_cache, embeddings_url, embeddings_model, api_key_env)
-    outcomes = run(pairs, embed, decider, _progress)
+    outcomes = run(pairs, embed, decider, _progress, open_set=open_set)
     if isinstance(embed, CachedEmbed):
         embed.save()
     if plot_file:
@@ -149,7 +157,7 @@ def eval_semantic(
             plot(sweep(outcomes, decider), decider, plot_file, f"{Path(pairs_file).name} ({split})")
         except RuntimeError as exc:
             raise click.ClickException(str(exc)) from exc
-    figures = summarize(pairs.kind, outcomes) | {"split": split}
+    figures = summarize(pairs.kind, outcomes) | {"split": split, "open_set": open_set}
     if at_recall is not None:
         figures["at_recall"] = evaluate.at_recall(outcomes, at_recall)
     click.echo(json.dumps(figures))

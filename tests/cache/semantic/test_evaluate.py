@@ -154,3 +154,31 @@ def test_swapped_names_make_different_question_pairs_from_paraphrases(embedder: 
         assert negative.cosine == pytest.approx(float(negative.query_vector @ negative.stored_vector), abs=1e-5)
     again = swapped_names(run(pairs, embedder.embed, None), embedder.embed)
     assert [n.query for n in again] == [n.query for n in negatives]  # deterministic
+
+
+@pytest.mark.usefixtures("embedder")
+def test_open_set_hides_each_origin_so_every_hit_is_a_wrong_answer(tmp_path: Path) -> None:
+    # two origins are the same question: with one hidden, its paraphrase finds the other (a hit, and wrong by
+    # the file's labels); the capital of France has no twin, so its paraphrase must miss
+    rows: list[dict[str, object]] = [
+        {"origin": "How do I reset my password?", "similar": "How can I reset my password?"},
+        {"origin": "How can I reset my password please?", "similar": "How do I reset my password please?"},
+        {"origin": "What is the capital of France?", "similar": "Which city is the capital of France?"},
+    ]
+    pairs = write(tmp_path / "p.jsonl", rows)
+    closed = json.loads(CliRunner().invoke(eval_semantic, ["--pairs", pairs]).output.strip().splitlines()[-1])
+    # all stored, France's paraphrase finds its origin; the twins stand too close to each other to choose
+    assert (closed["correct_hits"], closed["wrong_hits"], closed["open_set"]) == (1, 0, False)
+    result = CliRunner().invoke(eval_semantic, ["--pairs", pairs, "--open-set"])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.output.strip().splitlines()[-1])
+    assert figures["open_set"] is True
+    assert figures["correct_hits"] == 0
+    assert figures["hits"] == figures["wrong_hits"] == 2
+    assert figures["reasons"]["below_floor"] == 1  # France, with its origin hidden, has nothing near it
+
+
+def test_open_set_needs_an_origin_file(tmp_path: Path) -> None:
+    result = CliRunner().invoke(eval_semantic, ["--pairs", write(tmp_path / "p.jsonl", DUPLICATE_PAIRS), "--open-set"])
+    assert result.exit_code != 0
+    assert "--open-set needs an {origin, similar} file" in result.output

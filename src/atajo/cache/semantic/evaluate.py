@@ -140,10 +140,21 @@ def embed_all(texts: Iterable[str], embed: EmbedFn, progress: Progress = _no_pro
 
 
 def run(
-    pairs: Pairs, embed: EmbedFn, decider: Decider | None, progress: Progress = _no_progress, k: int = 4
+    pairs: Pairs,
+    embed: EmbedFn,
+    decider: Decider | None,
+    progress: Progress = _no_progress,
+    k: int = 4,
+    *,
+    open_set: bool = False,
 ) -> list[Outcome]:
     """Store and ask as the format says, deciding every asked text with ``decider`` (``None``: only collect
-    the neighbours; nothing hits)."""
+    the neighbours; nothing hits).
+
+    ``open_set`` (origin format): each paraphrase is asked with its own origin hidden from the index, as most
+    questions in real traffic have no stored twin; every hit is then a wrong answer served."""
+    if open_set and pairs.kind != "origin":
+        raise ValueError("open-set evaluation needs an {origin, similar} file")
     vectors = embed_all([t for p in pairs.pairs for t in (p.stored, p.asked)], embed, progress)
     dimension = len(next(iter(vectors.values()))) if vectors else 384  # the model's, local or a provider's
     index = VectorIndex(dimension=dimension, max_entries=max(1, 2 * len(pairs.pairs)))
@@ -158,7 +169,11 @@ def run(
                 partition = f"pair/{i}"
                 index.add(partition, f"pair/{i}", vectors[p.stored], p.stored)
             query_vector = vectors[p.asked]
-            neighbours = index.search(partition, query_vector, k=k)
+            if open_set:  # the origin (stored twice when it occurs twice) and nothing else is hidden
+                found = index.search(partition, query_vector, k=k + 2)
+                neighbours = [n for n in found if n.text != p.stored][:k]
+            else:
+                neighbours = index.search(partition, query_vector, k=k)
             match = (
                 decider.decide(p.asked, neighbours, query_vector) if decider else Match(False, None, 0.0, "collected")
             )
@@ -167,7 +182,7 @@ def run(
                 right = p.same
             else:
                 chosen = match.neighbour or (neighbours[0] if neighbours else None)
-                right = chosen is not None and chosen.text == p.stored
+                right = not open_set and chosen is not None and chosen.text == p.stored
             outcomes.append(
                 Outcome(p, tuple(neighbours), match.hit, match.reason, match.probability, right, query_vector)
             )
