@@ -53,9 +53,9 @@ from benchmarks.run import (
     Fleet,
     Quiet,
     Server,
-    _callgrind_control,
     _interrupt,
     _rounds,
+    callgrind_kilo_instructions,
     child_env,
     command_line,
     environment,
@@ -250,32 +250,14 @@ def measure_instructions(
     """Thousands of CPU instructions per request per configuration, counted by callgrind after a warm-up."""
     counts: dict[str, float] = {}
     for name, (config, env, body) in configs.items():
-        out = fleet.workdir / f"callgrind-{name}.out"
-        prefix = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
-        server = fleet.gateway(config, prefix, env)
-        try:
-            wait_ready(server, timeout_s=300, poll_s=0.2)
-            client = Client(server.port, body, timeout_s=300)  # the first routed request loads the vocabularies
-            try:
-                for _ in range(100):
-                    client.post()
-                _callgrind_control("-i", "on", server.pid)
-                for _ in range(requests):
-                    client.post()
-                _callgrind_control("-d", server.pid)
-            finally:
-                client.close()
-        finally:
-            fleet.stop(server)
-        totals = [
-            int(line.split()[1])
-            for dump in fleet.workdir.glob(f"{out.name}*")
-            for line in dump.read_text(errors="replace").splitlines()
-            if line.startswith(("summary:", "totals:"))
-        ]
-        if not totals:
-            raise RuntimeError(f"callgrind wrote no totals for {name}:\n{server.log_tail()}")
-        counts[name] = max(totals) / requests / 1000
+
+        def launch(prefix: list[str], config: Path = config, env: dict[str, str] | None = env) -> Server:
+            return fleet.gateway(config, prefix, env)
+
+        def client_of(server: Server, body: bytes = body) -> Client:
+            return Client(server.port, body, timeout_s=300)  # the first routed request loads the vocabularies
+
+        counts[name] = callgrind_kilo_instructions(fleet, name, launch, client_of, requests)
         say(f"instructions: {name}: {counts[name]:,.0f} k instructions per request")
     return counts
 

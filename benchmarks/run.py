@@ -49,7 +49,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
@@ -582,37 +582,56 @@ def measure_startup(fleet: Fleet, config: Path, starts: int, settle_s: float) ->
     return times, rss
 
 
+class Poster(Protocol):
+    """A client that sends the benchmark's request once per ``post``."""
+
+    def post(self) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+def callgrind_kilo_instructions(
+    fleet: Fleet, name: str, launch: Callable[[list[str]], Server], client_of: Callable[[Server], Poster], requests: int
+) -> float:
+    """Thousands of instructions per request of the server ``launch`` starts under callgrind (given the
+    command prefix), over ``requests`` sequential requests after 100 of warm-up."""
+    out = fleet.workdir / f"callgrind-{name}.out"
+    server = launch(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"])
+    try:
+        wait_ready(server, timeout_s=300, poll_s=0.2)
+        client = client_of(server)
+        try:
+            for _ in range(100):
+                client.post()
+            _callgrind_control("-i", "on", server.pid)
+            for _ in range(requests):
+                client.post()
+            _callgrind_control("-d", server.pid)
+        finally:
+            client.close()
+    finally:
+        fleet.stop(server)
+    totals = [
+        int(line.split()[1])
+        for dump in fleet.workdir.glob(f"{out.name}*")
+        for line in dump.read_text(errors="replace").splitlines()
+        if line.startswith(("summary:", "totals:"))
+    ]
+    if not totals:
+        raise RuntimeError(f"callgrind wrote no totals for {name}:\n{server.log_tail()}")
+    return max(totals) / requests / 1000
+
+
 def measure_instructions(fleet: Fleet, upstream: Server, config: Path, requests: int) -> dict[str, float]:
     """Thousands of CPU instructions per request (concurrency 1), counted by callgrind after start-up and a
     warm-up: the same on every run, whatever else the machine is doing."""
     counts: dict[str, float] = {}
     for name in ("passthrough", "gateway"):
-        out = fleet.workdir / f"callgrind-{name}.out"
-        prefix = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
-        server = fleet.passthrough(upstream, prefix) if name == "passthrough" else fleet.gateway(config, prefix)
-        try:
-            wait_ready(server, timeout_s=300, poll_s=0.2)
-            client = Client(server.port)
-            try:
-                for _ in range(100):
-                    client.post()
-                _callgrind_control("-i", "on", server.pid)
-                for _ in range(requests):
-                    client.post()
-                _callgrind_control("-d", server.pid)
-            finally:
-                client.close()
-        finally:
-            fleet.stop(server)
-        totals = [
-            int(line.split()[1])
-            for dump in fleet.workdir.glob(f"{out.name}*")
-            for line in dump.read_text(errors="replace").splitlines()
-            if line.startswith(("summary:", "totals:"))
-        ]
-        if not totals:
-            raise RuntimeError(f"callgrind wrote no totals for {name}:\n{server.log_tail()}")
-        counts[name] = max(totals) / requests / 1000
+
+        def launch(prefix: list[str], name: str = name) -> Server:
+            return fleet.passthrough(upstream, prefix) if name == "passthrough" else fleet.gateway(config, prefix)
+
+        counts[name] = callgrind_kilo_instructions(fleet, name, launch, lambda server: Client(server.port), requests)
         say(f"instructions: {name}: {counts[name]:,.0f} k instructions per request")
     return counts
 
