@@ -3,6 +3,7 @@ invalidation through one reaches the other's in-process tier within a second (Re
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -71,6 +72,29 @@ def _serve(config: Path, home: Path) -> tuple[subprocess.Popen[str], str]:
         time.sleep(0.05)
 
 
+@contextlib.contextmanager
+def serving(config: dict[str, Any], home: Path, instances: int) -> Iterator[list[str]]:
+    """``instances`` ``atajo serve`` processes on one config file; their URLs; all stopped after."""
+    path = home / "atajo.yaml"
+    path.write_text(yaml.safe_dump(config))
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        urls = []
+        for _ in range(instances):
+            proc, url = _serve(path, home)
+            procs.append(proc)
+            urls.append(url)
+        yield urls
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 @pytest.fixture
 def two_gateways(shared_services: None, tmp_path: Path) -> Iterator[tuple[str, str, OpenAIUpstream]]:
     upstream = OpenAIUpstream()
@@ -87,23 +111,8 @@ def two_gateways(shared_services: None, tmp_path: Path) -> Iterator[tuple[str, s
                 ]
             },
         }
-        path = tmp_path / "atajo.yaml"
-        path.write_text(yaml.safe_dump(config))
-        procs: list[subprocess.Popen[str]] = []
-        try:
-            first, url1 = _serve(path, tmp_path)
-            procs.append(first)
-            second, url2 = _serve(path, tmp_path)
-            procs.append(second)
+        with serving(config, tmp_path, 2) as (url1, url2):
             yield url1, url2, upstream
-        finally:
-            for proc in procs:
-                proc.terminate()
-            for proc in procs:
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
 
 
 def _ask(url: str, namespace: str, content: str, cache_control: str | None = None) -> str:

@@ -3,7 +3,6 @@ works through the other, and a revocation through one stops the key on the other
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,10 +10,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import yaml
 
 from tests.cache.conftest import POSTGRES_URL, need_server
-from tests.e2e.test_cache_multi_instance import _serve
+from tests.e2e.test_cache_multi_instance import serving
 
 MASTER = "sk-master-keys-multi"
 
@@ -34,23 +32,8 @@ def two_gateways(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tup
             "fast": {"deployments": [{"provider": "simulated", "simulated": {"ttft_ms": 0, "tokens_per_s": 1e6}}]}
         },
     }
-    path = tmp_path / "atajo.yaml"
-    path.write_text(yaml.safe_dump(config))
-    procs: list[subprocess.Popen[str]] = []
-    try:
-        first, url1 = _serve(path, tmp_path)
-        procs.append(first)
-        second, url2 = _serve(path, tmp_path)
-        procs.append(second)
+    with serving(config, tmp_path, 2) as (url1, url2):
         yield url1, url2
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
 
 
 def _client(url: str, secret: str) -> openai.OpenAI:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,14 +20,13 @@ import httpx
 import openai
 import pytest
 import redis
-import yaml
 
 from atajo.core.requests import ChatRequest
 from atajo.limits.estimate import estimate_tokens
 from tests.cache.conftest import REDIS_URL, need_server
 from tests.conftest import GatewayFactory
 from tests.doubles import FakeClock
-from tests.e2e.test_cache_multi_instance import _serve
+from tests.e2e.test_cache_multi_instance import serving
 
 INSTANT: dict[str, Any] = {"provider": "simulated", "simulated": {"ttft_ms": 0, "tokens_per_s": 1e6, "jitter": 0}}
 
@@ -78,24 +76,10 @@ def three_gateways(tmp_path: Path) -> Iterator[tuple[list[str], str]]:
         # a CPU-starved machine makes 1,000 checks queue for the pool longer than the default 0.5 s
         "limits": {"storage": REDIS_URL, "timeout_s": 10, "keys": {"rpm": 100, "adaptive": False}},
     }
-    path = tmp_path / "atajo.yaml"
-    path.write_text(yaml.safe_dump(config))
-    procs: list[subprocess.Popen[str]] = []
     try:
-        urls = []
-        for _ in range(3):
-            proc, url = _serve(path, tmp_path)
-            procs.append(proc)
-            urls.append(url)
-        yield urls, key_name
+        with serving(config, tmp_path, 3) as urls:
+            yield urls, key_name
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
         redis.Redis.from_url(REDIS_URL).delete(f"{{atajo-rl}}:key:{key_name}:r")
 
 
