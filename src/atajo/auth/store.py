@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from atajo.core.sqlite import PostgresDatabase, SqliteDatabase
+from atajo.core.sqlite import PostgresDatabase, SqliteDatabase, numbered
 from atajo.settings import CachePolicy, RateLimit, Trust
 
 Clock = Callable[[], float]
@@ -167,8 +167,7 @@ class KeyStore:
     def _sql(self, statement: str) -> str:
         if self.kind == "sqlite":
             return statement
-        parts = statement.split("?")
-        return "".join(part + (f"${i}" if i < len(parts) else "") for i, part in enumerate(parts, 1))
+        return numbered(statement)
 
     def __repr__(self) -> str:
         return f"KeyStore({self.kind})"

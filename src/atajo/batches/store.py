@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from atajo.core.sqlite import PostgresDatabase, SqliteDatabase, sqlite_path
+from atajo.core.sqlite import PostgresDatabase, SqliteDatabase, numbered, sqlite_path
 from atajo.errors import ServiceUnavailable
 from atajo.types import JSONObject
 
@@ -172,8 +172,7 @@ class BatchStore:
     def sql(self, statement: str) -> str:
         if not self.postgres:
             return statement
-        parts = statement.split("?")
-        return "".join(part + (f"${i}" if i < len(parts) else "") for i, part in enumerate(parts, 1))
+        return numbered(statement)
 
     async def start(self) -> None:
         await self._open()

@@ -27,7 +27,7 @@ import orjson
 
 from atajo.cache.backends import redact_url
 from atajo.cache.entry import Clock, Entry, Selector, TierStats
-from atajo.core.sqlite import PostgresDatabase, SqliteDatabase, sqlite_path
+from atajo.core.sqlite import PostgresDatabase, SqliteDatabase, numbered, sqlite_path
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,39}$")
 SQLITE_BUSY_TIMEOUT_S = 0.5
@@ -76,8 +76,7 @@ class _Dialect:
         otherwise)."""
         if self.name == "sqlite":
             return statement
-        parts = statement.split("?")
-        return "".join(part + (f"${i}" if i < len(parts) else "") for i, part in enumerate(parts, 1))
+        return numbered(statement)
 
     def list_arg(self, items: Sequence[str]) -> object:
         return orjson.dumps(list(items)).decode() if self.name == "sqlite" else list(items)

@@ -34,6 +34,13 @@ async def prepare(conn: Any, busy_timeout_s: float = BUSY_TIMEOUT_S) -> None:
             await asyncio.sleep(0.02)
 
 
+def numbered(statement: str) -> str:
+    """``statement`` written with ``?`` placeholders (which no statement here holds otherwise) in PostgreSQL's
+    ``$1, $2, …``."""
+    parts = statement.split("?")
+    return "".join(part + (f"${i}" if i < len(parts) else "") for i, part in enumerate(parts, 1))
+
+
 def sqlite_path(rest: str, setting: str = "") -> str:
     """The file of an ``sqlite://`` URL's rest: ``/rel.db`` → ``rel.db``, ``//abs.db`` → ``/abs.db``, ``~``
     expanded; ``:memory:`` (or ``/:memory:``) as is. ``setting`` prefixes the error (``batches.url: …``)."""

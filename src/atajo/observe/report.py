@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from atajo.core.sqlite import numbered
 from atajo.observe.ledger import CAUSES, TABLE, sqlite_path
 
 
@@ -103,9 +104,7 @@ async def _postgres(url: str, queries: list[tuple[str, list[float]]]) -> list[li
     try:
         out = []
         for sql, args in queries:
-            parts = sql.split("?")
-            numbered = "".join(p + (f"${i}" if i < len(parts) else "") for i, p in enumerate(parts, 1))
-            out.append(list(await conn.fetch(numbered, *args)))
+            out.append(list(await conn.fetch(numbered(sql), *args)))
         return out
     finally:
         await conn.close()
